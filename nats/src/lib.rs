@@ -1,0 +1,23 @@
+//! jetinfer's NATS layer. Everything that knows a subject name, a stream or
+//! consumer setting, or how to connect lives here and nowhere else.
+//!
+//! - [`subjects`]: the subject scheme (`jobs.<model>.<tenant>`, `results.<tenant>.…`).
+//! - [`connect()`]: a client from [`NatsConfig`], retried with back-off at start-up.
+//! - [`provision`]: idempotent creation of the jobs stream and per-model consumers.
+//! - [`publish`]: publishing a job with `Nats-Msg-Id` and awaiting its PubAck.
+//! - `testing` (feature `testing`): a real `nats-server` on a free loopback port.
+
+mod config;
+mod connect;
+pub mod provision;
+pub mod publish;
+pub mod subjects;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use async_nats;
+pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings};
+pub use connect::{connect, ConnectError};
+pub use provision::{provision_consumer, provision_stream, ProvisionError};
+pub use publish::{publish_job, PublishJobError};
+pub use subjects::{SubjectError, Tenant};

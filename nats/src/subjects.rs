@@ -1,0 +1,132 @@
+//! The subject scheme. Every subject jetinfer uses is built here.
+//!
+//! - Jobs: `jobs.<model>.<tenant>`. The tenant is the last token so server
+//!   permissions can confine a producer to `jobs.*.<tenant>`, and a worker can
+//!   trust the subject, not the payload, for the tenant.
+//! - Results: `results.<tenant>.<client>`, a per-client inbox the producer
+//!   subscribes to; results are matched to jobs by the job id inside them.
+
+use crate::config::DEFAULT_STREAM_NAME;
+
+/// Prefix of every job subject.
+pub const JOBS_PREFIX: &str = "jobs";
+/// Prefix of every result subject.
+pub const RESULTS_PREFIX: &str = "results";
+/// Longest model or tenant name.
+pub const MAX_TOKEN_LEN: usize = 64;
+
+/// Why a name cannot be used as a subject token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} must be 1 to {MAX_TOKEN_LEN} characters of A-Z, a-z, 0-9, '-' or '_'")]
+pub struct SubjectError {
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// Checks that `value` is a single, literal subject token.
+pub fn check_token(what: &'static str, value: &str) -> Result<(), SubjectError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_TOKEN_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SubjectError {
+            what,
+            value: value.to_string(),
+        })
+    }
+}
+
+/// A validated tenant name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(String);
+
+impl Tenant {
+    pub fn new(name: impl Into<String>) -> Result<Self, SubjectError> {
+        let name = name.into();
+        check_token("tenant", &name)?;
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The tenant used when none is configured.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// `jobs.<model>.<tenant>`: where a job for `model` from `tenant` is published.
+pub fn job(model: &str, tenant: &Tenant) -> Result<String, SubjectError> {
+    check_token("model", model)?;
+    Ok(format!("{JOBS_PREFIX}.{model}.{tenant}"))
+}
+
+/// `jobs.<model>.*`: what a model's consumer filters on.
+pub fn jobs_for_model(model: &str) -> Result<String, SubjectError> {
+    check_token("model", model)?;
+    Ok(format!("{JOBS_PREFIX}.{model}.*"))
+}
+
+/// `jobs.>`: the jobs stream's subjects.
+pub fn all_jobs() -> String {
+    format!("{JOBS_PREFIX}.>")
+}
+
+/// Model and tenant of a job subject, or `None` if it is not one.
+pub fn parse_job(subject: &str) -> Option<(&str, &str)> {
+    let mut parts = subject.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(JOBS_PREFIX), Some(model), Some(tenant), None) => Some((model, tenant)),
+        _ => None,
+    }
+}
+
+/// `results.<tenant>.<client>`: a client's result inbox.
+pub fn result_inbox(tenant: &Tenant, client_id: &str) -> Result<String, SubjectError> {
+    check_token("client id", client_id)?;
+    Ok(format!("{RESULTS_PREFIX}.{tenant}.{client_id}"))
+}
+
+/// Name of a model's durable pull consumer.
+pub fn consumer_name(model: &str) -> Result<String, SubjectError> {
+    check_token("model", model)?;
+    Ok(format!("worker-{model}"))
+}
+
+/// Name of the jobs stream when none is configured.
+pub fn default_stream() -> &'static str {
+    DEFAULT_STREAM_NAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_subjects_carry_model_then_tenant() {
+        let tenant = Tenant::new("acme").unwrap();
+        assert_eq!(job("minilm", &tenant).unwrap(), "jobs.minilm.acme");
+        assert_eq!(parse_job("jobs.minilm.acme"), Some(("minilm", "acme")));
+        assert_eq!(parse_job("jobs.minilm"), None);
+        assert_eq!(parse_job("jobs.minilm.acme.extra"), None);
+        assert_eq!(parse_job("results.minilm.acme"), None);
+    }
+
+    #[test]
+    fn wildcards_and_dots_cannot_be_injected_as_tokens() {
+        for bad in ["", "a.b", "*", ">", "a b", "ü", &"x".repeat(65)] {
+            assert!(Tenant::new(bad).is_err(), "{bad:?} accepted as tenant");
+            assert!(jobs_for_model(bad).is_err(), "{bad:?} accepted as model");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The jetinfer client library: submit embedding jobs to JetStream and await
+//! their results.
+//!
+//! A [`Client`] owns one result inbox (`results.<tenant>.<client-id>`); every
+//! job it submits names that inbox as its reply subject, and a dispatcher task
+//! routes each arriving result to the caller waiting for that job id. A
+//! result for a job nobody waits for (a late or duplicate one) is dropped, so
+//! a caller never sees two results for one job.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use jetinfer_producer::{Client, ClientConfig};
+//! use jetinfer_schemas::Job;
+//!
+//! let client = Client::connect(ClientConfig::default()).await?;
+//! let result = client.submit(Job::new("minilm", vec!["hello world".into()])).await?;
+//! let embeddings = result.into_result()?;
+//! println!("{} dims", embeddings.embeddings[0].len());
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use backon::{ExponentialBuilder, Retryable};
+use futures::{Stream, StreamExt};
+use jetinfer_nats::subjects::{self, SubjectError, Tenant, DEFAULT_TENANT};
+use jetinfer_nats::{NatsConfig, PublishJobError};
+use jetinfer_schemas::{decode_result, Job, JobId, JobResult};
+use tokio::sync::oneshot;
+
+/// How long [`Client::submit`] waits for a result by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Publish attempts when JetStream does not acknowledge in time.
+const PUBLISH_ATTEMPTS: usize = 4;
+const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub nats: NatsConfig,
+    /// Tenant the jobs are submitted for (the last token of the job subject).
+    pub tenant: String,
+    /// Longest wait for a job's result.
+    pub timeout: Duration,
+    /// Name of the jobs stream, to check that a model has workers.
+    pub stream: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig {
+                name: "jetinfer-producer".into(),
+                ..NatsConfig::default()
+            },
+            tenant: DEFAULT_TENANT.into(),
+            timeout: DEFAULT_TIMEOUT,
+            stream: subjects::default_stream().into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    #[error(transparent)]
+    Connect(#[from] jetinfer_nats::ConnectError),
+    #[error("no worker has ever served model {0:?} on this server: check the model name or start a worker for it")]
+    UnknownModel(String),
+    /// The queue refused the job: back off and retry later.
+    #[error("the job queue is full: retry later")]
+    QueueFull,
+    #[error(transparent)]
+    Publish(PublishJobError),
+    #[error("no result for job {job_id} within {after:?}; it stays queued and may still run")]
+    Timeout { job_id: JobId, after: Duration },
+    #[error("subscribing to the result inbox: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("the client's connection closed")]
+    Closed,
+}
+
+impl From<PublishJobError> for SubmitError {
+    fn from(err: PublishJobError) -> Self {
+        match err {
+            PublishJobError::QueueFull => Self::QueueFull,
+            PublishJobError::Subject(e) => Self::Subject(e),
+            other => Self::Publish(other),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
+
+/// Submits jobs and awaits their results. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    tenant: Tenant,
+    inbox: String,
+    pending: Pending,
+    known_models: Mutex<HashSet<String>>,
+    config: ClientConfig,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+impl Client {
+    pub async fn connect(config: ClientConfig) -> Result<Self, SubmitError> {
+        let tenant = Tenant::new(config.tenant.clone())?;
+        let nats = jetinfer_nats::connect(&config.nats).await?;
+        let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
+        let mut results = nats.subscribe(inbox.clone()).await?;
+        let pending: Pending = Arc::default();
+        let routes = Arc::clone(&pending);
+        let dispatcher = tokio::spawn(async move {
+            while let Some(message) = results.next().await {
+                match decode_result(&message.payload) {
+                    Ok(result) => {
+                        let waiter = routes.lock().expect("pending lock").remove(&result.job_id);
+                        match waiter {
+                            Some(waiter) => {
+                                let _ = waiter.send(result);
+                            }
+                            None => {
+                                tracing::debug!(job = %result.job_id, "result nobody waits for (late or duplicate); dropped")
+                            }
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "undecodable result dropped"),
+                }
+            }
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                js: jetstream::new(nats),
+                tenant,
+                inbox,
+                pending,
+                known_models: Mutex::default(),
+                config,
+                dispatcher,
+            }),
+        })
+    }
+
+    /// The subject results for this client arrive on.
+    pub fn inbox(&self) -> &str {
+        &self.inner.inbox
+    }
+
+    /// Publishes `job`, waits until JetStream stored it, then waits for its
+    /// result (embeddings or a typed error) up to the configured timeout.
+    pub async fn submit(&self, job: Job) -> Result<JobResult, SubmitError> {
+        let receiver = self.enqueue(&job).await?;
+        let timeout = self.inner.config.timeout;
+        let outcome = tokio::time::timeout(timeout, receiver).await;
+        self.inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&job.id);
+        match outcome {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(SubmitError::Closed),
+            Err(_) => Err(SubmitError::Timeout {
+                job_id: job.id,
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Submits `jobs` with at most `concurrency` awaiting results at once;
+    /// yields `(job id, outcome)` in the order the jobs were given.
+    pub fn submit_many<I>(
+        &self,
+        jobs: I,
+        concurrency: usize,
+    ) -> impl Stream<Item = (JobId, Result<JobResult, SubmitError>)> + '_
+    where
+        I: IntoIterator<Item = Job>,
+        I::IntoIter: 'static,
+    {
+        futures::stream::iter(jobs)
+            .map(move |job| async move {
+                let id = job.id.clone();
+                (id, self.submit(job).await)
+            })
+            .buffered(concurrency.max(1))
+    }
+
+    /// Registers the job's waiter and publishes it.
+    async fn enqueue(&self, job: &Job) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        self.check_model(&job.model).await?;
+        let (sender, receiver) = oneshot::channel();
+        // Register before publishing: the result can beat the PubAck.
+        self.inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(job.id.clone(), sender);
+        let publish = || {
+            jetinfer_nats::publish_job(&self.inner.js, &self.inner.tenant, job, &self.inner.inbox)
+        };
+        let published = publish
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(PUBLISH_RETRY_DELAY)
+                    .with_max_times(PUBLISH_ATTEMPTS - 1),
+            )
+            // Same job id, so JetStream de-duplicates a publish that did land.
+            .when(|err| matches!(err, PublishJobError::Timeout))
+            .await;
+        if let Err(err) = published {
+            self.inner
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&job.id);
+            return Err(err.into());
+        }
+        Ok(receiver)
+    }
+
+    /// A job for a model no worker ever served would wait in the stream for
+    /// ever: refuse it up front.
+    async fn check_model(&self, model: &str) -> Result<(), SubmitError> {
+        if self
+            .inner
+            .known_models
+            .lock()
+            .expect("models lock")
+            .contains(model)
+        {
+            return Ok(());
+        }
+        let consumer = subjects::consumer_name(model)?;
+        let found = match self.inner.js.get_stream(&self.inner.config.stream).await {
+            Ok(stream) => stream.consumer_info(&consumer).await.is_ok(),
+            Err(_) => false,
+        };
+        if !found {
+            return Err(SubmitError::UnknownModel(model.to_string()));
+        }
+        self.inner
+            .known_models
+            .lock()
+            .expect("models lock")
+            .insert(model.to_string());
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! `jetinfer`: the command-line producer. `jetinfer embed "text" ...` submits
+//! one job with the given texts; without texts it reads stdin and submits one
+//! job per line. Results are printed as JSON lines (or a short summary).
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use jetinfer_nats::NatsConfig;
+use jetinfer_producer::{Client, ClientConfig, SubmitError};
+use jetinfer_schemas::{Job, JobOptions, JobResult, Outcome, Truncation};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Submit embedding jobs to jetinfer and print the results"
+)]
+struct Cli {
+    /// NATS server URL (repeat for a cluster).
+    #[arg(
+        long = "nats-url",
+        env = "JETINFER_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
+    nats_urls: Vec<String>,
+    /// Tenant the jobs are submitted for.
+    #[arg(long, env = "JETINFER_TENANT", default_value = "default")]
+    tenant: String,
+    /// Seconds to wait for each result.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed texts given as arguments (one job), or stdin lines (a job per line).
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// Texts to embed together in one job. Without any, stdin is read.
+    texts: Vec<String>,
+    /// Model name (the worker's `model.name`).
+    #[arg(long, default_value = "minilm")]
+    model: String,
+    /// Return raw mean-pooled vectors instead of unit-length ones.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Refuse over-long inputs instead of truncating them.
+    #[arg(long)]
+    reject_long: bool,
+    /// Jobs awaiting results at once when reading stdin.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Print one human-readable line per input instead of JSON.
+    #[arg(long)]
+    summary: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = ClientConfig {
+        nats: NatsConfig {
+            urls: cli.nats_urls,
+            name: "jetinfer-cli".into(),
+            ..NatsConfig::default()
+        },
+        tenant: cli.tenant,
+        timeout: Duration::from_secs_f64(cli.timeout),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(config)
+        .await
+        .context("connecting to NATS")?;
+    match cli.command {
+        Command::Embed(args) => embed(&client, args).await,
+    }
+}
+
+/// Embeds and prints; the exit code is 1 when any job failed (each failure is
+/// printed with its code).
+async fn embed(client: &Client, args: EmbedArgs) -> anyhow::Result<std::process::ExitCode> {
+    let options = JobOptions {
+        normalize: !args.no_normalize,
+        truncation: if args.reject_long {
+            Truncation::Reject
+        } else {
+            Truncation::Truncate
+        },
+    };
+    let jobs: Vec<Job> = if args.texts.is_empty() {
+        std::io::stdin()
+            .lock()
+            .lines()
+            .map(|line| Ok(Job::new(&args.model, vec![line?]).with_options(options)))
+            .collect::<std::io::Result<_>>()
+            .context("reading stdin")?
+    } else {
+        vec![Job::new(&args.model, args.texts.clone()).with_options(options)]
+    };
+
+    let mut failures = 0usize;
+    let mut out = std::io::stdout().lock();
+    let mut results = client.submit_many(jobs, args.concurrency);
+    while let Some((job_id, outcome)) = results.next().await {
+        let line = match outcome {
+            Ok(result) => {
+                failures += usize::from(matches!(result.outcome, Outcome::Error(_)));
+                render(&result, args.summary)
+            }
+            Err(err) => {
+                failures += 1;
+                let code = submit_error_code(&err);
+                if args.summary {
+                    format!("{job_id}  error {code}: {err}")
+                } else {
+                    json!({"job_id": job_id, "error": {"code": code, "message": err.to_string()}})
+                        .to_string()
+                }
+            }
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    if failures > 0 {
+        eprintln!("jetinfer: {failures} job(s) failed");
+        return Ok(std::process::ExitCode::FAILURE);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn submit_error_code(err: &SubmitError) -> &'static str {
+    match err {
+        SubmitError::UnknownModel(_) => "unknown_model",
+        SubmitError::QueueFull => "queue_full",
+        SubmitError::Timeout { .. } => "timeout",
+        SubmitError::Subject(_) => "invalid_input",
+        _ => "client_error",
+    }
+}
+
+fn render(result: &JobResult, summary: bool) -> String {
+    match (&result.outcome, summary) {
+        (Outcome::Ok(e), false) => json!({
+            "job_id": result.job_id,
+            "model": e.model,
+            "embeddings": e.embeddings,
+            "token_counts": e.token_counts,
+            "truncated": e.truncated,
+            "timings": e.timings,
+        })
+        .to_string(),
+        (Outcome::Error(err), false) => {
+            json!({"job_id": result.job_id, "error": err}).to_string()
+        }
+        (Outcome::Ok(e), true) => e
+            .embeddings
+            .iter()
+            .zip(&e.token_counts)
+            .enumerate()
+            .map(|(i, (v, tokens))| {
+                let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:+.4}")).collect();
+                format!(
+                    "{}#{i}  {} dims  {tokens:>3} tokens  [{} ...]  queue {:.1} ms, batch of {}, model {:.1} ms",
+                    result.job_id,
+                    v.len(),
+                    head.join(", "),
+                    e.timings.queue_wait_us as f64 / 1000.0,
+                    e.timings.batch_size,
+                    e.timings.inference_us as f64 / 1000.0,
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        (Outcome::Error(err), true) => format!("{}  error {}: {}", result.job_id, err.code, err.message),
+    }
+}

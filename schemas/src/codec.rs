@@ -1,0 +1,46 @@
+//! MessagePack encoding with named fields, and size-checked decoding.
+
+use crate::{ErrorCode, Job, JobError, JobResult, Limits};
+
+/// Why bytes could not be turned into a job or result.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {size} bytes, the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not a valid jetinfer message: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+}
+
+impl From<DecodeError> for JobError {
+    fn from(err: DecodeError) -> Self {
+        let code = match err {
+            DecodeError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            DecodeError::Malformed(_) => ErrorCode::InvalidInput,
+        };
+        JobError::new(code, err.to_string())
+    }
+}
+
+pub fn encode_job(job: &Job) -> Vec<u8> {
+    // Serialising plain structs of strings and numbers into a Vec cannot fail.
+    rmp_serde::to_vec_named(job).expect("a Job always serialises")
+}
+
+/// Decodes a job, refusing oversized payloads before parsing them.
+pub fn decode_job(bytes: &[u8], limits: &Limits) -> Result<Job, DecodeError> {
+    if bytes.len() > limits.max_job_bytes {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: limits.max_job_bytes,
+        });
+    }
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+pub fn encode_result(result: &JobResult) -> Vec<u8> {
+    rmp_serde::to_vec_named(result).expect("a JobResult always serialises")
+}
+
+pub fn decode_result(bytes: &[u8]) -> Result<JobResult, DecodeError> {
+    Ok(rmp_serde::from_slice(bytes)?)
+}

@@ -1,0 +1,216 @@
+//! The wire format round-trips, stays readable across versions, validates with
+//! its named limits, and never panics on hostile bytes.
+
+use jetinfer_schemas::*;
+use proptest::prelude::*;
+
+fn sample_result() -> JobResult {
+    JobResult::ok(
+        "job-1".into(),
+        Embeddings {
+            model: ModelInfo {
+                id: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: "abc".into(),
+                dimension: 3,
+            },
+            embeddings: vec![vec![0.1, -0.2, 0.3], vec![1.0, 0.0, -1.0]],
+            token_counts: vec![5, 7],
+            truncated: vec![false, true],
+            timings: Timings {
+                queue_wait_us: 10,
+                inference_us: 20,
+                batch_size: 4,
+            },
+        },
+    )
+}
+
+#[test]
+fn job_round_trips_through_messagepack() {
+    let job = Job::new("minilm", vec!["hello".into(), "".into(), "héllo 🌍".into()])
+        .with_options(JobOptions {
+            normalize: false,
+            truncation: Truncation::Reject,
+        })
+        .with_deadline_unix_ms(1_700_000_000_000);
+    let decoded = decode_job(&encode_job(&job), &Limits::default()).unwrap();
+    assert_eq!(decoded, job);
+}
+
+#[test]
+fn results_and_errors_round_trip() {
+    let ok = sample_result();
+    assert_eq!(decode_result(&encode_result(&ok)).unwrap(), ok);
+    let err = JobResult::error(
+        "job-2".into(),
+        JobError::new(ErrorCode::DeadlineExceeded, "too late"),
+    );
+    assert_eq!(decode_result(&encode_result(&err)).unwrap(), err);
+}
+
+#[test]
+fn fields_are_named_on_the_wire_so_they_can_be_added_later() {
+    // A reader that knows only some fields still reads a job written with more.
+    #[derive(serde::Serialize)]
+    struct FutureJob<'a> {
+        version: u16,
+        id: &'a str,
+        model: &'a str,
+        inputs: Vec<&'a str>,
+        priority: u8,
+    }
+    let bytes = rmp_serde::to_vec_named(&FutureJob {
+        version: 1,
+        id: "j",
+        model: "m",
+        inputs: vec!["a"],
+        priority: 9,
+    })
+    .unwrap();
+    let job = decode_job(&bytes, &Limits::default()).unwrap();
+    assert_eq!(job.id, "j");
+    assert_eq!(
+        job.options,
+        JobOptions::default(),
+        "missing options take defaults"
+    );
+    assert!(job.options.normalize);
+}
+
+#[test]
+fn unknown_error_code_from_a_newer_worker_still_decodes() {
+    #[derive(serde::Serialize)]
+    struct Err<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        error: Err<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Res<'a> {
+        version: u16,
+        job_id: &'a str,
+        outcome: Out<'a>,
+    }
+    let bytes = rmp_serde::to_vec_named(&Res {
+        version: 1,
+        job_id: "j",
+        outcome: Out {
+            error: Err {
+                code: "gpu_on_fire",
+                message: "m",
+            },
+        },
+    })
+    .unwrap();
+    let err = decode_result(&bytes).unwrap().into_result().unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unknown);
+}
+
+#[test]
+fn oversized_payload_is_refused_before_parsing() {
+    let limits = Limits {
+        max_job_bytes: 16,
+        ..Limits::default()
+    };
+    let job = Job::new("minilm", vec!["a fairly long input text".into()]);
+    let err = decode_job(&encode_job(&job), &limits).unwrap_err();
+    assert!(matches!(err, DecodeError::TooLarge { limit: 16, .. }));
+    assert_eq!(JobError::from(err).code, ErrorCode::PayloadTooLarge);
+}
+
+#[test]
+fn garbage_is_a_typed_invalid_input_error() {
+    let err = decode_job(b"\xc1not msgpack", &Limits::default()).unwrap_err();
+    assert_eq!(JobError::from(err).code, ErrorCode::InvalidInput);
+}
+
+#[test]
+fn validation_names_the_limit_that_was_broken() {
+    let limits = Limits {
+        max_job_bytes: 1 << 20,
+        max_inputs_per_job: 2,
+        max_chars_per_input: 5,
+    };
+    let code = |job: Job| job.validate(&limits).unwrap_err().code;
+
+    assert!(Job::new("m", vec!["ok".into()]).validate(&limits).is_ok());
+    assert_eq!(code(Job::new("m", vec![])), ErrorCode::InvalidInput);
+    assert_eq!(
+        code(Job::new("m", vec!["a".into(), "b".into(), "c".into()])),
+        ErrorCode::TooManyInputs
+    );
+    assert_eq!(
+        code(Job::new("m", vec!["abcdef".into()])),
+        ErrorCode::InputTooLong
+    );
+    // Five characters in more than five bytes is within the limit.
+    assert!(Job::new("m", vec!["ééééé".into()])
+        .validate(&limits)
+        .is_ok());
+    assert_eq!(
+        code(Job::new("", vec!["a".into()])),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(Job::new("m", vec!["a".into()]).with_id("has space")),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(Job::new("m", vec!["a".into()]).with_id("x".repeat(129))),
+        ErrorCode::InvalidInput
+    );
+    let mut future = Job::new("m", vec!["a".into()]);
+    future.version = WIRE_VERSION + 1;
+    assert_eq!(code(future), ErrorCode::UnsupportedVersion);
+}
+
+#[test]
+fn generated_job_ids_are_unique_and_valid() {
+    let a = Job::new("m", vec!["x".into()]);
+    let b = Job::new("m", vec!["x".into()]);
+    assert_ne!(a.id, b.id);
+    assert!(a.validate(&Limits::default()).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(job) = decode_job(&bytes, &Limits::default()) {
+            let _ = job.validate(&Limits::default());
+        }
+        let _ = decode_result(&bytes);
+    }
+
+    #[test]
+    fn any_valid_job_round_trips(
+        id in "[A-Za-z0-9_-]{1,40}",
+        model in "[a-z0-9-]{1,20}",
+        inputs in proptest::collection::vec(".{0,50}", 1..8),
+        normalize in any::<bool>(),
+        deadline in proptest::option::of(any::<u64>()),
+    ) {
+        let mut job = Job::new(model, inputs).with_id(id).with_options(JobOptions {
+            normalize,
+            truncation: Truncation::Truncate,
+        });
+        job.deadline_unix_ms = deadline;
+        let decoded = decode_job(&encode_job(&job), &Limits::default()).unwrap();
+        prop_assert_eq!(&decoded, &job);
+        prop_assert!(decoded.validate(&Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn mutated_valid_jobs_never_panic(flip in any::<usize>(), byte in any::<u8>()) {
+        let mut bytes = encode_job(&Job::new("minilm", vec!["some text".into(), "more".into()]));
+        let at = flip % bytes.len();
+        bytes[at] = byte;
+        if let Ok(job) = decode_job(&bytes, &Limits::default()) {
+            let _ = job.validate(&Limits::default());
+        }
+    }
+}

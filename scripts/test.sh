@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: fetches nats-server and the model
+# into .cache (once), then formatting, lints and every test. `.ci/run` calls
+# this; run it yourself the same way: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+
+echo "== cargo fmt" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --locked

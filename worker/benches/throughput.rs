@@ -1,0 +1,150 @@
+//! Throughput on `../shared/data/bench_corpus.json`, in one run: the candle
+//! backend called directly at a given batch size, and the whole worker end to
+//! end through a real nats-server at saturation with the same batch size.
+//!
+//!     cargo bench -p jetinfer-worker --bench throughput
+//!     BENCH_TEXTS=1024 BENCH_BATCHES=8,32 cargo bench -p jetinfer-worker --bench throughput
+//!
+//! Not a test: it asserts nothing about speed and prints a table.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jetinfer_nats::testing::{workspace_root, NatsServer};
+use jetinfer_nats::NatsConfig;
+use jetinfer_producer::{Client, ClientConfig};
+use jetinfer_schemas::Job;
+use jetinfer_worker::backend::Backend;
+use jetinfer_worker::config::{BatchConfig, ModelConfig, WorkerConfig};
+use jetinfer_worker::{load_backend, Worker};
+
+const DEFAULT_TEXTS: usize = 1024;
+const DEFAULT_BATCHES: &str = "8,32";
+/// Jobs in flight from the producer: enough to keep the worker saturated.
+const IN_FLIGHT: usize = 512;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cpu}, {cores} cores")
+}
+
+/// The backend alone: texts sorted by token length and cut into batches of
+/// `batch`, as the worker's batcher would form them under saturation.
+fn direct(backend: &dyn Backend, texts: &[String], batch: usize) -> (f64, usize) {
+    let mut tokens: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| backend.tokenize(t).unwrap().ids)
+        .collect();
+    tokens.sort_by_key(|t| t.len());
+    let total_tokens = tokens.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    for chunk in tokens.chunks(batch) {
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        backend.embed(&refs).unwrap();
+    }
+    (started.elapsed().as_secs_f64(), total_tokens)
+}
+
+async fn end_to_end(backend: Arc<dyn Backend>, texts: &[String], batch: usize) -> f64 {
+    let server = NatsServer::start();
+    let nats = NatsConfig {
+        urls: vec![server.url()],
+        ..NatsConfig::default()
+    };
+    let config = WorkerConfig {
+        nats: nats.clone(),
+        batch: BatchConfig {
+            max_inputs: batch,
+            max_tokens: batch * 256,
+            max_wait: Duration::from_millis(5),
+        },
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::start(config, backend).await.unwrap();
+    let client = Client::connect(ClientConfig {
+        nats,
+        timeout: Duration::from_secs(600),
+        ..ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let jobs: Vec<Job> = texts
+        .iter()
+        .map(|t| Job::new("minilm", vec![t.clone()]))
+        .collect();
+    let started = Instant::now();
+    let failures = client
+        .submit_many(jobs, IN_FLIGHT)
+        .filter(|(_, r)| {
+            futures::future::ready(!matches!(r, Ok(r) if r.clone().into_result().is_ok()))
+        })
+        .count()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(failures, 0, "every job must succeed");
+    worker.shutdown().await;
+    elapsed
+}
+
+fn main() {
+    let n: usize = env_or("BENCH_TEXTS", DEFAULT_TEXTS);
+    let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
+        .unwrap_or_else(|_| DEFAULT_BATCHES.into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    let corpus = workspace_root().join("../shared/data/bench_corpus.json");
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(&corpus).expect("bench corpus")).unwrap();
+    let texts: Vec<String> = texts.into_iter().take(n).collect();
+
+    let model = ModelConfig {
+        path: workspace_root().join(".cache/models/all-MiniLM-L6-v2"),
+        ..ModelConfig::default()
+    };
+    let backend = load_backend(&model).expect("model loads (run scripts/setup.sh)");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    println!(
+        "jetinfer throughput: {} texts of bench_corpus.json, all-MiniLM-L6-v2 f32 on CPU",
+        texts.len()
+    );
+    println!("machine: {}", machine());
+    println!();
+    println!("| batch | direct texts/s | direct tokens/s | end-to-end texts/s | e2e / direct |");
+    println!("|---|---|---|---|---|");
+    // Warm-up: first forward passes pay for page faults and allocations.
+    direct(backend.as_ref(), &texts[..texts.len().min(64)], 8);
+    for batch in batches {
+        let (secs, tokens) = direct(backend.as_ref(), &texts, batch);
+        let direct_rate = texts.len() as f64 / secs;
+        let e2e_secs = runtime.block_on(end_to_end(Arc::clone(&backend), &texts, batch));
+        let e2e_rate = texts.len() as f64 / e2e_secs;
+        println!(
+            "| {batch} | {direct_rate:.1} | {:.0} | {e2e_rate:.1} | {:.2} |",
+            tokens as f64 / secs,
+            e2e_rate / direct_rate
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! A BERT-family sentence-embedding model run by candle: mean pooling over real
+//! tokens, truncation at `max_seq_length` from `sentence_bert_config.json`, and
+//! padding only to the longest input of each batch.
+//!
+//! The model's `tokenizer.json` may carry its own fixed padding and truncation
+//! (all-MiniLM-L6-v2's pads everything to 128 and cuts at 128); both are
+//! replaced here, or most compute goes to padding and long texts embed wrongly.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use jetinfer_schemas::ModelInfo;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::{Backend, BackendError, Tokens};
+use crate::config::{DeviceKind, ModelConfig};
+
+/// Hex digits of the weights' SHA-256 used as revision when none is configured.
+const REVISION_HEX_LEN: usize = 12;
+
+/// `sentence_bert_config.json`.
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+/// `1_Pooling/config.json`: only mean and CLS pooling are supported.
+#[derive(Deserialize, Default)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pooling {
+    Mean,
+    Cls,
+}
+
+pub struct CandleBackend {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    pooling: Pooling,
+    max_seq_len: usize,
+    pad_id: u32,
+    info: ModelInfo,
+}
+
+fn load_err(path: &Path, message: impl std::fmt::Display) -> BackendError {
+    BackendError::Load {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, BackendError> {
+    let text = std::fs::read_to_string(path).map_err(|e| load_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| load_err(path, e))
+}
+
+impl CandleBackend {
+    /// Loads the model directory named by `config.path`.
+    pub fn load(config: &ModelConfig) -> Result<Self, BackendError> {
+        let dir = &config.path;
+        let device = device(config)?;
+        let bert: BertConfig = read_json(&dir.join("config.json"))?;
+
+        let sbert = dir.join("sentence_bert_config.json");
+        let max_seq_len = if sbert.exists() {
+            read_json::<SentenceBertConfig>(&sbert)?.max_seq_length
+        } else {
+            bert.max_position_embeddings
+        }
+        .min(bert.max_position_embeddings);
+
+        let pooling_file = dir.join("1_Pooling/config.json");
+        let pooling = if pooling_file.exists()
+            && read_json::<PoolingConfig>(&pooling_file)?.pooling_mode_cls_token
+        {
+            Pooling::Cls
+        } else {
+            Pooling::Mean
+        };
+
+        let tokenizer_file = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_file).map_err(|e| load_err(&tokenizer_file, e))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_len,
+                ..Default::default()
+            }))
+            .map_err(|e| load_err(&tokenizer_file, e))?;
+
+        let weights = dir.join("model.safetensors");
+        let revision = match &config.revision {
+            Some(revision) => revision.clone(),
+            None => file_revision(&weights)?,
+        };
+        // SAFETY: the weights file is memory-mapped read-only and must not be
+        // modified while the worker runs, as with any mmapped model.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), DType::F32, &device)
+        }
+        .map_err(|e| load_err(&weights, e))?;
+        let model = BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?;
+
+        let info = ModelInfo {
+            id: config.id.clone().unwrap_or_else(|| dir_name(dir)),
+            revision,
+            dimension: bert.hidden_size as u32,
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+            pooling,
+            max_seq_len,
+            pad_id: bert.pad_token_id as u32,
+            info,
+        })
+    }
+
+    fn forward(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let rows = batch.len();
+        let width = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows * width);
+        let mut mask = Vec::with_capacity(rows * width);
+        for input in batch {
+            ids.extend_from_slice(input);
+            ids.resize(ids.len() + width - input.len(), self.pad_id);
+            mask.extend(std::iter::repeat_n(1u32, input.len()));
+            mask.resize(mask.len() + width - input.len(), 0);
+        }
+        let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => {
+                // Average over real tokens only: padding must not dilute the mean.
+                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+                let counts = mask.sum(1)?;
+                summed.broadcast_div(&counts)?
+            }
+        };
+        pooled.to_dtype(DType::F32)?.to_vec2()
+    }
+}
+
+fn device(config: &ModelConfig) -> Result<Device, BackendError> {
+    match config.device {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => Device::new_cuda(config.cuda_ordinal).map_err(|e| {
+            load_err(
+                &config.path,
+                format!("{e} (CUDA needs a build with `--features cuda` and a GPU)"),
+            )
+        }),
+    }
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// A short content hash of the weights, so results name exactly what made them.
+fn file_revision(path: &PathBuf) -> Result<String, BackendError> {
+    let mut file = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| load_err(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(hex[..REVISION_HEX_LEN].to_string())
+}
+
+impl Backend for CandleBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Tokens, BackendError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| BackendError::Tokenize(e.to_string()))?;
+        Ok(Tokens {
+            truncated: !encoding.get_overflowing().is_empty(),
+            ids: encoding.get_ids().to_vec(),
+        })
+    }
+
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.forward(batch)
+            .map_err(|e| BackendError::Forward(e.to_string()))
+    }
+}

@@ -1,0 +1,50 @@
+//! The model behind a small trait, so the queue does not care what computes
+//! the embeddings: [`candle::CandleBackend`] runs a BERT-family model,
+//! [`echo::EchoBackend`] returns deterministic vectors for queue tests.
+
+pub mod candle;
+pub mod echo;
+
+use jetinfer_schemas::ModelInfo;
+
+/// One tokenised input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    /// Token ids, special tokens included, at most `max_seq_len` long.
+    pub ids: Vec<u32>,
+    /// Whether the text was cut to fit `max_seq_len`.
+    pub truncated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("loading model from {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("tokenising: {0}")]
+    Tokenize(String),
+    #[error("forward pass: {0}")]
+    Forward(String),
+}
+
+/// What the worker needs from a model. Both methods are blocking and are only
+/// called from dedicated threads, never on the async runtime.
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Longest input, in tokens, the model accepts.
+    fn max_seq_len(&self) -> usize;
+
+    /// Tokenises one text, truncating it to `max_seq_len`.
+    fn tokenize(&self, text: &str) -> Result<Tokens, BackendError>;
+
+    /// Pooled (not normalised) embeddings, one per input, in order.
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError>;
+}
+
+/// Scales `v` to unit length in place (a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}

@@ -1,0 +1,166 @@
+//! The worker's configuration: one typed struct, loaded by figment from
+//! defaults, an optional TOML file and `JETINFER_*` environment variables
+//! (nested keys joined by `__`, e.g. `JETINFER_BATCH__MAX_INPUTS=16`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use jetinfer_nats::{ConsumerSettings, NatsConfig, StreamSettings};
+use jetinfer_schemas::Limits;
+use serde::{Deserialize, Serialize};
+
+/// Default model name: the subject token producers address (`jobs.minilm.<tenant>`).
+pub const DEFAULT_MODEL_NAME: &str = "minilm";
+/// Default model directory, as laid out by `scripts/setup.sh`.
+pub const DEFAULT_MODEL_PATH: &str = ".cache/models/all-MiniLM-L6-v2";
+pub const DEFAULT_MAX_BATCH_INPUTS: usize = 32;
+/// Padded-token budget per batch: longest input in the batch times inputs.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// Messages requested per JetStream pull.
+pub const DEFAULT_PULL_BATCH: usize = 128;
+pub const DEFAULT_PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    pub nats: NatsConfig,
+    pub stream: StreamSettings,
+    pub consumer: ConsumerSettings,
+    pub model: ModelConfig,
+    pub batch: BatchConfig,
+    pub pull: PullConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+impl WorkerConfig {
+    /// Defaults, then `file` (if given), then `JETINFER_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(WorkerConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("JETINFER_").split("__"))
+            .extract()
+            .map_err(Box::new)
+    }
+}
+
+/// Which inference backend serves the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// The BERT-family model at `path`, run by candle.
+    #[default]
+    Candle,
+    /// Deterministic vectors without a model, for testing the queue.
+    Echo,
+}
+
+/// Where candle runs the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// A CUDA GPU (needs the `cuda` cargo feature).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Name producers use in subjects and jobs.
+    pub name: String,
+    pub backend: BackendKind,
+    /// Directory with config.json, tokenizer.json, model.safetensors and
+    /// (optionally) sentence_bert_config.json.
+    pub path: PathBuf,
+    /// Reported model id; defaults to the directory's name.
+    pub id: Option<String>,
+    /// Reported revision; defaults to a hash of the weights.
+    pub revision: Option<String>,
+    pub device: DeviceKind,
+    pub cuda_ordinal: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_MODEL_NAME.to_string(),
+            backend: BackendKind::Candle,
+            path: PathBuf::from(DEFAULT_MODEL_PATH),
+            id: None,
+            revision: None,
+            device: DeviceKind::Cpu,
+            cuda_ordinal: 0,
+        }
+    }
+}
+
+/// The three batching knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchConfig {
+    /// Most inputs (across jobs) in one forward pass.
+    pub max_inputs: usize,
+    /// Most padded tokens in one forward pass (longest input x inputs).
+    pub max_tokens: usize,
+    /// Longest an input waits for company once it is first in line.
+    #[serde(with = "millis")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_inputs: DEFAULT_MAX_BATCH_INPUTS,
+            max_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_wait: DEFAULT_MAX_BATCH_WAIT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PullConfig {
+    /// Messages requested per pull.
+    pub batch: usize,
+    /// Idle heartbeat the server sends on a waiting pull.
+    #[serde(with = "millis")]
+    pub heartbeat: Duration,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        Self {
+            batch: DEFAULT_PULL_BATCH,
+            heartbeat: DEFAULT_PULL_HEARTBEAT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// One JSON object per line instead of human-readable text.
+    pub json: bool,
+}
+
+/// Short durations in config are written in milliseconds (`max_wait = 5`).
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

@@ -1,0 +1,145 @@
+//! A job in flight through the worker: its message (to ack), where to reply,
+//! its tokenised inputs, and the embeddings assembled as its inputs come back
+//! from batches, possibly several, possibly shared with other jobs.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use jetinfer_schemas::{Embeddings, JobOptions, ModelInfo, Timings};
+use time::OffsetDateTime;
+
+use crate::backend::{l2_normalize, Tokens};
+use crate::batch::BatchJob;
+
+pub struct InFlightJob {
+    pub id: String,
+    pub options: JobOptions,
+    pub deadline_unix_ms: Option<u64>,
+    pub reply_to: String,
+    pub message: Message,
+    /// When JetStream stored the job.
+    pub published: OffsetDateTime,
+    pub tokens: Vec<Tokens>,
+    assembly: Mutex<Assembly>,
+}
+
+#[derive(Default)]
+struct Assembly {
+    embeddings: Vec<Option<Vec<f32>>>,
+    remaining: usize,
+    failed: bool,
+    queue_wait: Option<Duration>,
+    inference: Duration,
+    largest_batch: usize,
+    last_batch: Option<u64>,
+}
+
+/// How the batch an input ran in went.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRun {
+    /// Sequence number of the batch within this worker.
+    pub batch: u64,
+    pub started: OffsetDateTime,
+    pub elapsed: Duration,
+    pub size: usize,
+}
+
+impl InFlightJob {
+    pub fn new(
+        id: String,
+        options: JobOptions,
+        deadline_unix_ms: Option<u64>,
+        reply_to: String,
+        message: Message,
+        published: OffsetDateTime,
+        tokens: Vec<Tokens>,
+    ) -> Self {
+        let assembly = Assembly {
+            embeddings: vec![None; tokens.len()],
+            remaining: tokens.len(),
+            ..Default::default()
+        };
+        Self {
+            id,
+            options,
+            deadline_unix_ms,
+            reply_to,
+            message,
+            published,
+            tokens,
+            assembly: Mutex::new(assembly),
+        }
+    }
+
+    /// Records input `input`'s embedding; true when it was the job's last one.
+    pub fn complete_input(&self, input: usize, mut embedding: Vec<f32>, run: BatchRun) -> bool {
+        if self.options.normalize {
+            l2_normalize(&mut embedding);
+        }
+        let mut a = self.assembly.lock().expect("assembly lock");
+        if a.failed || a.embeddings[input].is_some() {
+            return false;
+        }
+        if a.queue_wait.is_none() {
+            let waited = run.started - self.published;
+            a.queue_wait = Some(waited.try_into().unwrap_or(Duration::ZERO));
+        }
+        // Each batch's time counts once per job, however many inputs it held.
+        if a.last_batch != Some(run.batch) {
+            a.last_batch = Some(run.batch);
+            a.inference += run.elapsed;
+        }
+        a.largest_batch = a.largest_batch.max(run.size);
+        a.embeddings[input] = Some(embedding);
+        a.remaining -= 1;
+        a.remaining == 0
+    }
+
+    /// Marks the job failed; true the first time, so it is answered once.
+    pub fn fail(&self) -> bool {
+        let mut a = self.assembly.lock().expect("assembly lock");
+        !std::mem::replace(&mut a.failed, true)
+    }
+
+    /// The finished embeddings, in input order.
+    pub fn take_embeddings(&self, model: &ModelInfo) -> Embeddings {
+        let mut a = self.assembly.lock().expect("assembly lock");
+        let embeddings = a
+            .embeddings
+            .iter_mut()
+            .map(|e| e.take().expect("every input completed"))
+            .collect();
+        Embeddings {
+            model: model.clone(),
+            embeddings,
+            token_counts: self.tokens.iter().map(|t| t.ids.len() as u32).collect(),
+            truncated: self.tokens.iter().map(|t| t.truncated).collect(),
+            timings: Timings {
+                queue_wait_us: micros(a.queue_wait.unwrap_or_default()),
+                inference_us: micros(a.inference),
+                batch_size: a.largest_batch as u32,
+            },
+        }
+    }
+
+    /// Whether the job's deadline has passed at `now`.
+    pub fn expired(&self, now: OffsetDateTime) -> bool {
+        expired(self.deadline_unix_ms, now)
+    }
+}
+
+pub fn expired(deadline_unix_ms: Option<u64>, now: OffsetDateTime) -> bool {
+    let now_ms = now.unix_timestamp_nanos() / 1_000_000;
+    deadline_unix_ms.is_some_and(|d| i128::from(d) < now_ms)
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().try_into().unwrap_or(u64::MAX)
+}
+
+impl BatchJob for InFlightJob {
+    fn input_lens(&self) -> Vec<usize> {
+        self.tokens.iter().map(|t| t.ids.len()).collect()
+    }
+}

@@ -1,0 +1,72 @@
+//! Shared set-up for the worker's end-to-end tests: a real nats-server, a
+//! worker in this process, and a producer client.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jetinfer_nats::testing::{workspace_root, NatsServer};
+use jetinfer_nats::NatsConfig;
+use jetinfer_producer::{Client, ClientConfig};
+use jetinfer_worker::backend::Backend;
+use jetinfer_worker::config::{BackendKind, BatchConfig, WorkerConfig};
+use jetinfer_worker::Worker;
+
+pub fn model_dir() -> PathBuf {
+    std::env::var_os("JETINFER_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".cache/models/all-MiniLM-L6-v2"))
+}
+
+/// `../shared/data` beside the checkout, or `$JETINFER_SHARED_DATA`.
+pub fn shared_data() -> PathBuf {
+    std::env::var_os("JETINFER_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/data"))
+}
+
+pub fn worker_config(
+    server: &NatsServer,
+    backend: BackendKind,
+    batch: BatchConfig,
+) -> WorkerConfig {
+    let mut config = WorkerConfig {
+        nats: nats_config(server),
+        batch,
+        ..WorkerConfig::default()
+    };
+    config.model.backend = backend;
+    config.model.path = model_dir();
+    config
+}
+
+pub fn nats_config(server: &NatsServer) -> NatsConfig {
+    NatsConfig {
+        urls: vec![server.url()],
+        startup_retry_for: Duration::from_secs(5),
+        ..NatsConfig::default()
+    }
+}
+
+pub async fn client(server: &NatsServer) -> Client {
+    Client::connect(ClientConfig {
+        nats: nats_config(server),
+        timeout: Duration::from_secs(120),
+        ..ClientConfig::default()
+    })
+    .await
+    .expect("client connects")
+}
+
+pub async fn start_worker(config: WorkerConfig, backend: Arc<dyn Backend>) -> Worker {
+    Worker::start(config, backend).await.expect("worker starts")
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}

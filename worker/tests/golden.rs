@@ -1,0 +1,135 @@
+//! all-MiniLM-L6-v2 through the whole pipeline (real nats-server, candle on the
+//! CPU) reproduces sentence-transformers' reference embeddings.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use jetinfer_nats::testing::NatsServer;
+use jetinfer_schemas::Job;
+use jetinfer_worker::config::{BackendKind, BatchConfig};
+use jetinfer_worker::load_backend;
+use serde::Deserialize;
+
+use common::*;
+
+const MIN_COSINE: f32 = 0.9999;
+
+#[derive(Deserialize)]
+struct Golden {
+    max_seq_length: usize,
+    texts: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn golden() -> Golden {
+    let path = shared_data().join("minilm_golden.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("golden file parses")
+}
+
+fn assert_matches(text: &str, got: &[f32], want: &[f32]) {
+    let cos = cosine(got, want);
+    assert!(
+        cos >= MIN_COSINE,
+        "cosine {cos} < {MIN_COSINE} for {:?}",
+        text.chars().take(60).collect::<String>()
+    );
+    let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "result is normalised, norm {norm}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_texts_match_reference_embeddings_as_single_and_multi_text_jobs() {
+    let golden = golden();
+    let server = NatsServer::start();
+    let config = worker_config(
+        &server,
+        BackendKind::Candle,
+        BatchConfig {
+            max_inputs: 16,
+            max_tokens: 4096,
+            max_wait: Duration::from_millis(20),
+        },
+    );
+    let backend = load_backend(&config.model).expect("model loads");
+    assert_eq!(backend.max_seq_len(), golden.max_seq_length);
+    let worker = start_worker(config, backend).await;
+    let client = client(&server).await;
+
+    // One job per text, all in flight at once so batches mix jobs.
+    let jobs: Vec<Job> = golden
+        .texts
+        .iter()
+        .map(|t| Job::new("minilm", vec![t.clone()]))
+        .collect();
+    let results: Vec<_> = client.submit_many(jobs, golden.texts.len()).collect().await;
+    let mut shared_batches = 0;
+    for ((_, result), (text, want)) in results
+        .into_iter()
+        .zip(golden.texts.iter().zip(&golden.embeddings))
+    {
+        let result = result.expect("submitted").into_result().expect("embedded");
+        assert_eq!(result.embeddings.len(), 1);
+        assert_matches(text, &result.embeddings[0], want);
+        shared_batches += usize::from(result.timings.batch_size > 1);
+    }
+    assert!(
+        shared_batches > 0,
+        "no single-text job ran in a batch with another job"
+    );
+
+    // The same texts as multi-text jobs of uneven sizes: each result carries
+    // its own inputs' embeddings, in order.
+    let mut chunks = Vec::new();
+    let mut rest: &[String] = &golden.texts;
+    for size in [1usize, 5, 2, 7, 3].iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+        chunks.push(chunk.to_vec());
+        rest = tail;
+    }
+    let jobs: Vec<Job> = chunks
+        .iter()
+        .map(|c| Job::new("minilm", c.clone()))
+        .collect();
+    let results: Vec<_> = client.submit_many(jobs, chunks.len()).collect().await;
+    let mut offset = 0;
+    for ((_, result), chunk) in results.into_iter().zip(&chunks) {
+        let result = result.expect("submitted").into_result().expect("embedded");
+        assert_eq!(result.embeddings.len(), chunk.len());
+        for (i, got) in result.embeddings.iter().enumerate() {
+            assert_matches(
+                &golden.texts[offset + i],
+                got,
+                &golden.embeddings[offset + i],
+            );
+        }
+        offset += chunk.len();
+    }
+    assert_eq!(offset, golden.texts.len());
+    worker.shutdown().await;
+}
+
+#[test]
+fn long_text_is_truncated_at_max_seq_length_not_the_tokenizers_128() {
+    let golden = golden();
+    let config = jetinfer_worker::config::ModelConfig {
+        path: model_dir(),
+        ..Default::default()
+    };
+    let backend = load_backend(&config).expect("model loads");
+    let longest = golden.texts.iter().max_by_key(|t| t.len()).unwrap();
+    let tokens = backend.tokenize(longest).unwrap();
+    assert_eq!(tokens.ids.len(), golden.max_seq_length);
+    assert!(tokens.truncated);
+    // And short texts are not padded to a fixed length.
+    assert_eq!(backend.tokenize("hello").unwrap().ids.len(), 3);
+}

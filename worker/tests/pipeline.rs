@@ -1,0 +1,329 @@
+//! The queue end to end on a real nats-server with the echo backend: results
+//! come back to the right job in the right order however jobs are batched,
+//! the batching knobs hold, and bad jobs get typed error replies without
+//! hurting the worker.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use jetinfer_nats::testing::NatsServer;
+use jetinfer_producer::SubmitError;
+use jetinfer_schemas::{
+    decode_result, encode_job, headers, ErrorCode, Job, JobOptions, JobResult, Truncation,
+};
+use jetinfer_worker::backend::echo::EchoBackend;
+use jetinfer_worker::backend::l2_normalize;
+use jetinfer_worker::config::{BackendKind, BatchConfig};
+
+use common::*;
+
+fn batch(max_inputs: usize, max_tokens: usize, max_wait_ms: u64) -> BatchConfig {
+    BatchConfig {
+        max_inputs,
+        max_tokens,
+        max_wait: Duration::from_millis(max_wait_ms),
+    }
+}
+
+fn text(job: usize, input: usize) -> String {
+    // Different lengths so batches sort and split them.
+    format!(
+        "job {job} input {input} {}",
+        "word ".repeat((job * 7 + input * 3) % 23)
+    )
+}
+
+fn expected(echo: &EchoBackend, text: &str) -> Vec<f32> {
+    let mut v = echo.expected(text);
+    l2_normalize(&mut v);
+    v
+}
+
+/// A slow echo model, so jobs pile up and batches mix them.
+fn slow_echo() -> Arc<EchoBackend> {
+    Arc::new(EchoBackend::new(256, Duration::from_micros(20)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_gets_its_own_inputs_embeddings_in_order_when_batched_with_others() {
+    let server = NatsServer::start();
+    let echo = slow_echo();
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(16, 4096, 10)),
+        echo.clone(),
+    )
+    .await;
+    let client = client(&server).await;
+
+    let jobs: Vec<Job> = (0..60)
+        .map(|j| Job::new("minilm", (0..1 + j % 4).map(|i| text(j, i)).collect()))
+        .collect();
+    let inputs: Vec<Vec<String>> = jobs.iter().map(|j| j.inputs.clone()).collect();
+    let results: Vec<_> = client.submit_many(jobs, 60).collect().await;
+
+    let mut mixed = 0;
+    for ((id, result), inputs) in results.into_iter().zip(&inputs) {
+        let result = result.unwrap();
+        assert_eq!(result.job_id, id);
+        let e = result.into_result().unwrap();
+        assert_eq!(e.embeddings.len(), inputs.len());
+        for (got, text) in e.embeddings.iter().zip(inputs) {
+            assert_eq!(got, &expected(&echo, text), "embedding of {text:?}");
+        }
+        assert_eq!(e.token_counts.len(), inputs.len());
+        assert!(e.timings.batch_size as usize <= 16);
+        mixed += usize::from(e.timings.batch_size as usize > inputs.len());
+    }
+    assert!(mixed > 0, "no job shared a batch with another job");
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_never_exceed_max_inputs_or_padded_tokens() {
+    let server = NatsServer::start();
+    // Every input is 12 tokens ("x" x 10 plus [CLS] and [SEP]): a 40-token
+    // budget allows 3 per batch, fewer than max_inputs.
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(5, 40, 20)),
+        slow_echo(),
+    )
+    .await;
+    let client = client(&server).await;
+    let text = "x ".repeat(10);
+    let jobs: Vec<Job> = (0..30)
+        .map(|_| Job::new("minilm", vec![text.clone()]))
+        .collect();
+    let sizes: Vec<u32> = client
+        .submit_many(jobs, 30)
+        .map(|(_, r)| r.unwrap().into_result().unwrap().timings.batch_size)
+        .collect()
+        .await;
+    assert!(
+        sizes.iter().all(|&s| (1..=3).contains(&s)),
+        "batch sizes {sizes:?}"
+    );
+    assert!(sizes.contains(&3), "the budget was never filled: {sizes:?}");
+    worker.shutdown().await;
+
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(4, 100_000, 20)),
+        slow_echo(),
+    )
+    .await;
+    let jobs: Vec<Job> = (0..30)
+        .map(|_| Job::new("minilm", vec![text.clone()]))
+        .collect();
+    let sizes: Vec<u32> = client
+        .submit_many(jobs, 30)
+        .map(|(_, r)| r.unwrap().into_result().unwrap().timings.batch_size)
+        .collect()
+        .await;
+    assert!(
+        sizes.iter().all(|&s| (1..=4).contains(&s)),
+        "batch sizes {sizes:?}"
+    );
+    assert!(
+        sizes.contains(&4),
+        "max_inputs was never reached: {sizes:?}"
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_job_is_answered_after_max_wait_without_a_full_batch() {
+    let server = NatsServer::start();
+    let wait = Duration::from_millis(300);
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(64, 100_000, 300)),
+        slow_echo(),
+    )
+    .await;
+    let client = client(&server).await;
+    let result = client
+        .submit(Job::new("minilm", vec!["alone".into()]))
+        .await
+        .unwrap();
+    let e = result.into_result().unwrap();
+    assert_eq!(e.timings.batch_size, 1);
+    // Queue wait runs from JetStream's publish time to the batch start, so it
+    // includes the batcher's wait for company.
+    assert!(
+        Duration::from_micros(e.timings.queue_wait_us) >= wait - Duration::from_millis(5),
+        "queue wait {}us is shorter than max_wait",
+        e.timings.queue_wait_us
+    );
+    worker.shutdown().await;
+}
+
+/// Publishes raw bytes on a job subject with our inbox as reply subject.
+async fn publish_raw(
+    js: &jetstream::Context,
+    subject: &str,
+    reply_to: Option<&str>,
+    id: &str,
+    payload: Vec<u8>,
+) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, id);
+    if let Some(reply_to) = reply_to {
+        h.insert(headers::REPLY_TO, reply_to);
+    }
+    js.publish_with_headers(subject.to_string(), h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_get_typed_errors_are_settled_and_the_worker_keeps_serving() {
+    let server = NatsServer::start();
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(8, 4096, 5)),
+        slow_echo(),
+    )
+    .await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let inbox = "results.default.rawtest";
+    let mut replies = nats.subscribe(inbox).await.unwrap();
+
+    let long = "word ".repeat(400);
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        (
+            "garbage",
+            b"\x00\xffthis is not msgpack".to_vec(),
+            ErrorCode::InvalidInput,
+        ),
+        (
+            "empty",
+            encode_job(&Job::new("minilm", vec![]).with_id("empty")),
+            ErrorCode::InvalidInput,
+        ),
+        (
+            "wrong-model",
+            encode_job(&Job::new("gpt-17", vec!["hi".into()]).with_id("wrong-model")),
+            ErrorCode::UnknownModel,
+        ),
+        (
+            "too-long",
+            encode_job(
+                &Job::new("minilm", vec!["short".into(), long.clone()])
+                    .with_id("too-long")
+                    .with_options(JobOptions {
+                        normalize: true,
+                        truncation: Truncation::Reject,
+                    }),
+            ),
+            ErrorCode::InputTooLong,
+        ),
+        (
+            "expired",
+            encode_job(
+                &Job::new("minilm", vec!["late".into()])
+                    .with_id("expired")
+                    .with_deadline_unix_ms(1),
+            ),
+            ErrorCode::DeadlineExceeded,
+        ),
+    ];
+    for (id, payload, _) in &cases {
+        publish_raw(&js, "jobs.minilm.default", Some(inbox), id, payload.clone()).await;
+    }
+    // Garbage with nowhere to reply is terminated, not retried for ever.
+    publish_raw(
+        &js,
+        "jobs.minilm.default",
+        None,
+        "orphan",
+        b"\x01\x02".to_vec(),
+    )
+    .await;
+
+    let mut codes = std::collections::HashMap::new();
+    for _ in 0..cases.len() {
+        let message = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("an error reply arrives")
+            .unwrap();
+        let result: JobResult = decode_result(&message.payload).unwrap();
+        codes.insert(
+            result.job_id.clone(),
+            result.into_result().unwrap_err().code,
+        );
+    }
+    for (id, _, code) in &cases {
+        assert_eq!(codes.get(*id), Some(code), "error code for {id}");
+    }
+
+    // Still serving.
+    let client = client(&server).await;
+    let ok = client
+        .submit(Job::new("minilm", vec!["still here".into()]))
+        .await
+        .unwrap();
+    assert!(ok.into_result().is_ok());
+
+    // Nothing left pending or awaiting an ack: every bad job was settled.
+    let mut stream = js.get_stream("JETINFER_JOBS").await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("worker-minilm").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "work queue is empty"
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_model_no_worker_serves() {
+    let server = NatsServer::start();
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, BatchConfig::default()),
+        slow_echo(),
+    )
+    .await;
+    let client = client(&server).await;
+    let err = client
+        .submit(Job::new("nosuchmodel", vec!["x".into()]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::UnknownModel(ref m) if m == "nosuchmodel"),
+        "{err}"
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_job_id_is_answered_once() {
+    let server = NatsServer::start();
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, BatchConfig::default()),
+        slow_echo(),
+    )
+    .await;
+    let client = client(&server).await;
+    let job = Job::new("minilm", vec!["same".into()]).with_id("dup-1");
+    let first = client.submit(job.clone()).await.unwrap();
+    assert!(first.into_result().is_ok());
+    // JetStream de-duplicates the second publish on Nats-Msg-Id, so no worker
+    // runs it again and the second wait times out rather than getting a copy.
+    let quick = jetinfer_producer::Client::connect(jetinfer_producer::ClientConfig {
+        nats: nats_config(&server),
+        timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = quick.submit(job).await.unwrap_err();
+    assert!(matches!(err, SubmitError::Timeout { .. }), "{err}");
+    worker.shutdown().await;
+}
