@@ -7,6 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 
+echo "== deployment lint (workflows, compose, Kubernetes, NATS config)" >&2
+bash scripts/lint-deploy.sh
+
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
