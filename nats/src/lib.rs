@@ -5,10 +5,12 @@
 //! - [`connect()`]: a client from [`NatsConfig`], retried with back-off at start-up.
 //! - [`provision`]: idempotent creation of the jobs stream and per-model consumers.
 //! - [`publish`]: publishing a job with `Nats-Msg-Id` and awaiting its PubAck.
+//! - [`dead_letter`]: the dead-letter stream and storing a job that was given up.
 //! - `testing` (feature `testing`): a real `nats-server` on a free loopback port.
 
 mod config;
 mod connect;
+pub mod dead_letter;
 pub mod provision;
 pub mod publish;
 pub mod subjects;

@@ -12,6 +12,10 @@ use crate::config::DEFAULT_STREAM_NAME;
 pub const JOBS_PREFIX: &str = "jobs";
 /// Prefix of every result subject.
 pub const RESULTS_PREFIX: &str = "results";
+/// Prefix of every dead-letter subject.
+pub const DEAD_LETTER_PREFIX: &str = "dlq";
+/// Name of the dead-letter stream.
+pub const DEAD_LETTER_STREAM: &str = "JETINFER_DLQ";
 /// Longest model or tenant name.
 pub const MAX_TOKEN_LEN: usize = 64;
 
@@ -89,6 +93,24 @@ pub fn parse_job(subject: &str) -> Option<(&str, &str)> {
         (Some(JOBS_PREFIX), Some(model), Some(tenant), None) => Some((model, tenant)),
         _ => None,
     }
+}
+
+/// `dlq.<model>.<tenant>`: where a job that cannot be answered is kept.
+pub fn dead_letter(model: &str, tenant: &str) -> Result<String, SubjectError> {
+    check_token("model", model)?;
+    check_token("tenant", tenant)?;
+    Ok(format!("{DEAD_LETTER_PREFIX}.{model}.{tenant}"))
+}
+
+/// `dlq.>`: the dead-letter stream's subjects.
+pub fn all_dead_letters() -> String {
+    format!("{DEAD_LETTER_PREFIX}.>")
+}
+
+/// The advisory JetStream publishes when a job of `consumer` on `stream` hit
+/// its consumer's `max_deliver`.
+pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
 }
 
 /// `results.<tenant>.<client>`: a client's result inbox.

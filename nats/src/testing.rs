@@ -85,6 +85,17 @@ impl NatsServer {
         self.wait_ready();
     }
 
+    /// Stops the server with SIGTERM (a clean shutdown), waits for it to
+    /// exit, and starts it again on the same port and store.
+    pub fn restart_gracefully(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.child = spawn(self.port, self.store.path(), &[]);
+        self.wait_ready();
+    }
+
     fn wait_ready(&self) {
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -41,6 +41,28 @@ struct Cli {
 enum Command {
     /// Embed texts given as arguments (one job), or stdin lines (a job per line).
     Embed(EmbedArgs),
+    /// Inspect and replay dead letters: jobs given up on, with the reason.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: sequence, job id, reason, deliveries, subject.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Everything kept about one dead letter, as JSON.
+    Show { sequence: u64 },
+    /// Publish dead letters again on their original subject and remove them.
+    Replay {
+        /// Sequences to replay.
+        sequences: Vec<u64>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+    },
 }
 
 #[derive(Args)]
@@ -83,12 +105,85 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         timeout: Duration::from_secs_f64(cli.timeout),
         ..ClientConfig::default()
     };
-    let client = Client::connect(config)
-        .await
-        .context("connecting to NATS")?;
     match cli.command {
-        Command::Embed(args) => embed(&client, args).await,
+        Command::Embed(args) => {
+            let client = Client::connect(config)
+                .await
+                .context("connecting to NATS")?;
+            embed(&client, args).await
+        }
+        Command::Dlq(command) => {
+            let nats = jetinfer_nats::connect(&config.nats).await?;
+            dlq(&async_nats::jetstream::new(nats), command).await
+        }
     }
+}
+
+async fn dlq(
+    js: &async_nats::jetstream::Context,
+    command: DlqCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    use jetinfer_nats::dead_letter;
+    match command {
+        DlqCommand::List { limit } => {
+            for letter in dead_letter::list(js, limit).await? {
+                println!(
+                    "{}\t{}\t{}\t{} deliveries\t{}\t{}",
+                    letter.sequence,
+                    letter.job_id,
+                    letter.reason,
+                    letter.deliveries,
+                    letter.original_subject,
+                    letter.detail
+                );
+            }
+        }
+        DlqCommand::Show { sequence } => {
+            let letter = dead_letter::get(js, sequence).await?;
+            let job = jetinfer_schemas::decode_job(&letter.payload, &Default::default())
+                .map(|job| json!(job))
+                .unwrap_or_else(
+                    |err| json!({"undecodable": err.to_string(), "bytes": letter.payload.len()}),
+                );
+            let headers: serde_json::Map<String, serde_json::Value> = letter
+                .headers
+                .iter()
+                .map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    let values: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
+                    (name.to_string(), json!(values))
+                })
+                .collect();
+            let shown = json!({
+                "sequence": letter.sequence,
+                "job_id": letter.job_id,
+                "reason": letter.reason,
+                "detail": letter.detail,
+                "deliveries": letter.deliveries,
+                "original_subject": letter.original_subject,
+                "stored_at": letter.stored_at.to_string(),
+                "headers": headers,
+                "job": job,
+            });
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        }
+        DlqCommand::Replay { sequences, all } => {
+            let sequences = if all {
+                dead_letter::list(js, usize::MAX)
+                    .await?
+                    .into_iter()
+                    .map(|l| l.sequence)
+                    .collect()
+            } else {
+                sequences
+            };
+            for sequence in sequences {
+                let job_id = dead_letter::replay(js, sequence).await?;
+                println!("replayed {sequence} (job {job_id})");
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Embeds and prints; the exit code is 1 when any job failed (each failure is

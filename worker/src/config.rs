@@ -21,7 +21,14 @@ pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
 pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Messages requested per JetStream pull.
 pub const DEFAULT_PULL_BATCH: usize = 128;
-pub const DEFAULT_PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long one pull request waits for messages; also bounds how long a
+/// draining worker waits for a pull it already sent.
+pub const DEFAULT_PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Time a stopping worker has to finish what it holds before it NAKs the rest.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// First and largest delay before a job that failed transiently is redelivered.
+pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -33,6 +40,8 @@ pub struct WorkerConfig {
     pub batch: BatchConfig,
     pub pull: PullConfig,
     pub limits: Limits,
+    pub retry: RetryConfig,
+    pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
 
@@ -86,6 +95,8 @@ pub struct ModelConfig {
     pub revision: Option<String>,
     pub device: DeviceKind,
     pub cuda_ordinal: usize,
+    /// Echo backend only: simulated compute per padded token, in microseconds.
+    pub echo_delay_per_token_us: u64,
 }
 
 impl Default for ModelConfig {
@@ -98,6 +109,7 @@ impl Default for ModelConfig {
             revision: None,
             device: DeviceKind::Cpu,
             cuda_ordinal: 0,
+            echo_delay_per_token_us: 0,
         }
     }
 }
@@ -130,16 +142,68 @@ impl Default for BatchConfig {
 pub struct PullConfig {
     /// Messages requested per pull.
     pub batch: usize,
-    /// Idle heartbeat the server sends on a waiting pull.
+    /// How long one pull request waits for messages.
     #[serde(with = "millis")]
-    pub heartbeat: Duration,
+    pub expires: Duration,
 }
 
 impl Default for PullConfig {
     fn default() -> Self {
         Self {
             batch: DEFAULT_PULL_BATCH,
-            heartbeat: DEFAULT_PULL_HEARTBEAT,
+            expires: DEFAULT_PULL_EXPIRES,
+        }
+    }
+}
+
+/// Redelivery of jobs that failed for a reason that may pass (a backend
+/// error, a reply that could not be published): NAK with a growing delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryConfig {
+    #[serde(with = "millis")]
+    pub min_delay: Duration,
+    #[serde(with = "millis")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min_delay: DEFAULT_RETRY_MIN_DELAY,
+            max_delay: DEFAULT_RETRY_MAX_DELAY,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Delay before the redelivery that follows delivery number `delivered`.
+    pub fn delay(&self, delivered: i64) -> Duration {
+        use backon::BackoffBuilder;
+        let attempt = usize::try_from(delivered.max(1) - 1).unwrap_or(0);
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .without_max_times()
+            .build()
+            .nth(attempt)
+            .unwrap_or(self.max_delay)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ShutdownConfig {
+    /// Seconds a stopping worker spends finishing the jobs it holds; what is
+    /// left after that is NAKed so another worker takes it at once.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -149,6 +213,20 @@ impl Default for PullConfig {
 pub struct LogConfig {
     /// One JSON object per line instead of human-readable text.
     pub json: bool,
+}
+
+/// Long durations in config are written in (fractional) seconds.
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Short durations in config are written in milliseconds (`max_wait = 5`).

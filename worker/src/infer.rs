@@ -8,14 +8,17 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, BackendError};
-use crate::batch::Batch;
+use crate::batch::{Batch, Waiting};
 use crate::job::{BatchRun, InFlightJob};
 
 /// A batch with its embeddings (or the backend's error).
 pub struct Done {
     pub batch: Batch<InFlightJob>,
     pub run: BatchRun,
-    pub embeddings: Result<Vec<Vec<f32>>, BackendError>,
+    /// One outcome per item of `batch`, in order.
+    pub embeddings: Vec<Result<Vec<f32>, BackendError>>,
+    /// Inputs left out because their job's deadline had passed.
+    pub expired: Vec<Waiting<InFlightJob>>,
 }
 
 /// Runs batches from `batches` until it closes; closing `done` in turn.
@@ -28,8 +31,14 @@ pub fn spawn(
         .name("jetinfer-infer".into())
         .spawn(move || {
             let mut sequence = 0u64;
-            while let Some(batch) = batches.blocking_recv() {
+            while let Some(mut batch) = batches.blocking_recv() {
                 sequence += 1;
+                // Deadlines are checked again as the batch forms: no compute
+                // for an answer nobody will take.
+                let now = OffsetDateTime::now_utc();
+                let (live, expired): (Vec<_>, Vec<_>) =
+                    batch.items.into_iter().partition(|w| !w.job.expired(now));
+                batch.items = live;
                 let inputs: Vec<&[u32]> = batch
                     .items
                     .iter()
@@ -37,7 +46,7 @@ pub fn spawn(
                     .collect();
                 let started = OffsetDateTime::now_utc();
                 let clock = Instant::now();
-                let embeddings = backend.embed(&inputs);
+                let embeddings = embed(backend.as_ref(), &inputs);
                 let run = BatchRun {
                     batch: sequence,
                     started,
@@ -46,10 +55,40 @@ pub fn spawn(
                 };
                 drop(inputs);
                 tracing::debug!(size = run.size, padded = batch.padded_tokens, elapsed = ?run.elapsed, "batch done");
-                if done.blocking_send(Done { batch, run, embeddings }).is_err() {
+                let done_batch = Done {
+                    batch,
+                    run,
+                    embeddings,
+                    expired,
+                };
+                if done.blocking_send(done_batch).is_err() {
                     return;
                 }
             }
         })
         .expect("spawning the inference thread")
+}
+
+/// Embeds `inputs` as one batch. If the batch fails, each input is retried
+/// alone, so one input the model chokes on fails only its own job and not
+/// every job that happened to share its batch.
+fn embed(backend: &dyn Backend, inputs: &[&[u32]]) -> Vec<Result<Vec<f32>, BackendError>> {
+    if inputs.is_empty() {
+        return Vec::new();
+    }
+    match backend.embed(inputs) {
+        Ok(embeddings) => embeddings.into_iter().map(Ok).collect(),
+        Err(err) if inputs.len() == 1 => vec![Err(err)],
+        Err(err) => {
+            tracing::warn!(error = %err, size = inputs.len(), "batch failed; running its inputs one by one");
+            inputs
+                .iter()
+                .map(|input| {
+                    backend
+                        .embed(std::slice::from_ref(input))
+                        .map(|mut v| v.remove(0))
+                })
+                .collect()
+        }
+    }
 }

@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, Tokens};
 use crate::config::PullConfig;
 use crate::job::{expired, InFlightJob};
-use crate::publish::{deadline_error, Responder};
+use crate::publish::{deadline_error, Settler};
 
-/// Pause before re-opening a pull stream that failed (e.g. missed heartbeats
-/// while the server restarts).
+/// Pause before pulling again after a pull failed (e.g. while the server
+/// restarts).
 const REPULL_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub struct Intake {
@@ -29,49 +29,57 @@ pub struct Intake {
     pub model: String,
     pub limits: Limits,
     pub pull: PullConfig,
-    pub responder: Responder,
+    pub settler: Settler,
 }
 
 impl Intake {
     /// Pulls until `shutdown` fires; dropping `jobs` on return lets the
     /// batcher flush and the pipeline drain behind it.
+    ///
+    /// Pulls are discrete requests (`pull.batch` messages, expiring after
+    /// `pull.expires`), so on shutdown the worker knows exactly what it was
+    /// sent: messages of the last request that arrive after shutdown are
+    /// NAKed for another worker at once instead of waiting out `ack_wait`.
     pub async fn run(self, jobs: mpsc::Sender<Arc<InFlightJob>>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            let messages = self
+            let request = self
                 .consumer
-                .stream()
-                .max_messages_per_batch(self.pull.batch)
-                .heartbeat(self.pull.heartbeat)
+                .batch()
+                .max_messages(self.pull.batch)
+                .expires(self.pull.expires)
                 .messages()
                 .await;
-            let mut messages = match messages {
+            let mut messages = match request {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(error = %err, "opening pull stream failed; retrying");
+                    tracing::warn!(error = %err, "pull failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(REPULL_DELAY) => continue,
                     }
                 }
             };
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = messages.next() => next,
-                };
-                match next {
-                    Some(Ok(message)) => {
-                        if let Some(job) = self.admit(message).await {
-                            if jobs.send(Arc::new(job)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Some(Err(err)) => {
-                        tracing::warn!(error = %err, "pull stream error; re-pulling");
+            while let Some(next) = messages.next().await {
+                let message = match next {
+                    Ok(message) => message,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "pull interrupted; pulling again");
+                        tokio::time::sleep(REPULL_DELAY).await;
                         break;
                     }
-                    None => break,
+                };
+                if shutdown.is_cancelled() {
+                    if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                        tracing::warn!(error = %err, "handing back a job failed; it returns after ack_wait");
+                    }
+                    continue;
+                }
+                if let Some(job) = self.admit(message).await {
+                    let job = Arc::new(job);
+                    self.settler.ledger().insert(&job);
+                    if jobs.send(job).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -94,43 +102,47 @@ impl Intake {
         let job = match decode_job(&message.payload, &self.limits) {
             Ok(job) => job,
             Err(err) => {
-                let ack = if reply_to.is_some() {
-                    AckKind::Ack
-                } else {
-                    AckKind::Term
-                };
-                self.responder
-                    .reject(&message, reply_to.as_deref(), &header_id, err.into(), ack)
+                self.settler
+                    .give_up(&message, reply_to.as_deref(), &header_id, err.into(), true)
                     .await;
                 return None;
             }
         };
         let Some(reply_to) = reply_to else {
-            tracing::warn!(job = %job.id, "job has no {} header: nobody to answer; terminated", headers::REPLY_TO);
-            crate::publish::settle(&message, AckKind::Term).await;
+            let error = JobError::new(
+                ErrorCode::InvalidInput,
+                format!("job has no {} header: nobody to answer", headers::REPLY_TO),
+            );
+            self.settler
+                .give_up(&message, None, &job.id, error, true)
+                .await;
             return None;
         };
         if let Err(error) = self.check(&job, &message) {
-            self.responder
-                .reject(&message, Some(&reply_to), &job.id, error, AckKind::Ack)
+            // An expired job is late, not poison: no dead letter.
+            let keep = error.code != ErrorCode::DeadlineExceeded;
+            self.settler
+                .give_up(&message, Some(&reply_to), &job.id, error, keep)
                 .await;
             return None;
         }
-        let published = message
-            .info()
-            .map(|info| info.published)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let (key, delivered, published) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered, info.published),
+            Err(_) => (0, 1, OffsetDateTime::now_utc()),
+        };
 
         let tokens = match self.tokenize(&job).await {
             Ok(tokens) => tokens,
             Err(error) => {
-                self.responder
-                    .reject(&message, Some(&reply_to), &job.id, error, AckKind::Ack)
+                self.settler
+                    .give_up(&message, Some(&reply_to), &job.id, error, true)
                     .await;
                 return None;
             }
         };
         Some(InFlightJob::new(
+            key,
+            delivered,
             job.id,
             job.options,
             job.deadline_unix_ms,

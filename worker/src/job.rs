@@ -2,7 +2,8 @@
 //! its tokenised inputs, and the embeddings assembled as its inputs come back
 //! from batches, possibly several, possibly shared with other jobs.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
@@ -13,6 +14,10 @@ use crate::backend::{l2_normalize, Tokens};
 use crate::batch::BatchJob;
 
 pub struct InFlightJob {
+    /// The job's stream sequence: unique while it is in the stream.
+    pub key: u64,
+    /// How many times JetStream has delivered it, this time included.
+    pub delivered: i64,
     pub id: String,
     pub options: JobOptions,
     pub deadline_unix_ms: Option<u64>,
@@ -46,7 +51,10 @@ pub struct BatchRun {
 }
 
 impl InFlightJob {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        key: u64,
+        delivered: i64,
         id: String,
         options: JobOptions,
         deadline_unix_ms: Option<u64>,
@@ -61,6 +69,8 @@ impl InFlightJob {
             ..Default::default()
         };
         Self {
+            key,
+            delivered,
             id,
             options,
             deadline_unix_ms,
@@ -141,5 +151,40 @@ fn micros(d: Duration) -> u64 {
 impl BatchJob for InFlightJob {
     fn input_lens(&self) -> Vec<usize> {
         self.tokens.iter().map(|t| t.ids.len()).collect()
+    }
+}
+
+/// Every job the worker holds and has not settled (acked, NAKed or
+/// terminated). It lets the worker keep long waits alive with progress acks,
+/// and NAK what is left when a drain runs out of time.
+#[derive(Default)]
+pub struct Ledger {
+    jobs: Mutex<HashMap<u64, Arc<InFlightJob>>>,
+}
+
+impl Ledger {
+    pub fn insert(&self, job: &Arc<InFlightJob>) {
+        self.lock().insert(job.key, Arc::clone(job));
+    }
+
+    pub fn remove(&self, job: &InFlightJob) {
+        self.lock().remove(&job.key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of the jobs held now.
+    pub fn jobs(&self) -> Vec<Arc<InFlightJob>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<InFlightJob>>> {
+        self.jobs.lock().expect("ledger lock")
     }
 }

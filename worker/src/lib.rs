@@ -6,18 +6,25 @@
 //! 3. [`infer`]: run each batch through the [`backend::Backend`] on its own thread;
 //! 4. [`publish`]: reply on each job's reply subject, flush, then ack.
 //!
+//! Every job ends settled through [`publish::Settler`]: answered and acked,
+//! NAKed for a retry, or given up (error reply, dead letter, terminated).
+//! [`exhausted`] buries jobs that reached `max_deliver`.
+//!
 //! Shutdown flows the same way: cancelling stops intake, and each stage drains
-//! what it holds before the next one sees its input close.
+//! what it holds before the next one sees its input close. What is not done
+//! within the drain timeout is NAKed so another worker takes it at once.
 
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod exhausted;
 pub mod infer;
 pub mod intake;
 pub mod job;
 pub mod publish;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use tokio::sync::mpsc;
@@ -26,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use backend::{candle::CandleBackend, echo::EchoBackend, Backend, BackendError};
 use config::{BackendKind, ModelConfig, WorkerConfig};
+use job::Ledger;
+use publish::Settler;
 
 /// Jobs admitted but not yet batched; bounds the worker's memory together with
 /// the consumer's `max_ack_pending`.
@@ -41,21 +50,32 @@ pub enum WorkerError {
     Provision(#[from] jetinfer_nats::ProvisionError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Subject(#[from] jetinfer_nats::SubjectError),
 }
 
 /// Loads the backend `config` names.
 pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match config.backend {
         BackendKind::Candle => Arc::new(CandleBackend::load(config)?),
-        BackendKind::Echo => Arc::new(EchoBackend::default()),
+        BackendKind::Echo => Arc::new(EchoBackend::new(
+            backend::echo::ECHO_MAX_SEQ_LEN,
+            Duration::from_micros(config.echo_delay_per_token_us),
+        )),
     })
 }
 
 /// A running worker.
 pub struct Worker {
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// The pipeline's stages, which finish on their own once intake stops.
+    pipeline: Vec<JoinHandle<()>>,
+    /// Side tasks (progress acks, exhausted jobs) stopped after the drain.
+    helpers: Vec<JoinHandle<()>>,
+    helpers_stop: CancellationToken,
     infer: Option<std::thread::JoinHandle<()>>,
+    settler: Settler,
+    drain_timeout: Duration,
 }
 
 impl Worker {
@@ -68,6 +88,7 @@ impl Worker {
         let client = jetinfer_nats::connect(&config.nats).await?;
         let js = jetstream::new(client.clone());
         let stream = jetinfer_nats::provision_stream(&js, &config.stream).await?;
+        jetinfer_nats::dead_letter::provision(&js, config.stream.replicas).await?;
         let consumer =
             jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer)
                 .await?;
@@ -80,7 +101,10 @@ impl Worker {
         );
 
         let shutdown = CancellationToken::new();
-        let responder = publish::Responder::new(client);
+        let helpers_stop = CancellationToken::new();
+        let ledger = Arc::new(Ledger::default());
+        let settler = Settler::new(client.clone(), Arc::clone(&ledger), config.retry);
+        let consumer_name = jetinfer_nats::subjects::consumer_name(&config.model.name)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
@@ -91,18 +115,39 @@ impl Worker {
             model: config.model.name.clone(),
             limits: config.limits,
             pull: config.pull,
-            responder: responder.clone(),
+            settler: settler.clone(),
         };
-        let tasks = vec![
+        let pipeline = vec![
             tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
             tokio::spawn(batch::run(config.batch, jobs_rx, batch_tx)),
-            tokio::spawn(publish::run(backend.info().clone(), responder, done_rx)),
+            tokio::spawn(publish::run(
+                backend.info().clone(),
+                settler.clone(),
+                done_rx,
+            )),
+        ];
+        let helpers = vec![
+            tokio::spawn(keep_alive(
+                settler.clone(),
+                config.consumer.ack_wait,
+                helpers_stop.clone(),
+            )),
+            tokio::spawn(exhausted::run(
+                client,
+                stream,
+                consumer_name,
+                helpers_stop.clone(),
+            )),
         ];
         let infer = infer::spawn(backend, batch_rx, done_tx);
         Ok(Self {
             shutdown,
-            tasks,
+            pipeline,
+            helpers,
+            helpers_stop,
             infer: Some(infer),
+            settler,
+            drain_timeout: config.shutdown.drain_timeout,
         })
     }
 
@@ -117,13 +162,57 @@ impl Worker {
         self.join().await;
     }
 
-    /// Waits until the worker has stopped (after its shutdown token fires).
+    /// Jobs held and not yet settled.
+    pub fn jobs_in_hand(&self) -> usize {
+        self.settler.ledger().len()
+    }
+
+    /// Waits until the worker has stopped (after its shutdown token fires):
+    /// the pipeline drains for up to the drain timeout, then whatever is still
+    /// held is NAKed for immediate redelivery elsewhere.
     pub async fn join(&mut self) {
-        for task in self.tasks.drain(..) {
+        self.shutdown.cancelled().await;
+        let pipeline: Vec<_> = self.pipeline.drain(..).collect();
+        let drained =
+            tokio::time::timeout(self.drain_timeout, futures::future::join_all(pipeline)).await;
+        if drained.is_err() {
+            let left = self.settler.ledger().jobs();
+            tracing::warn!(
+                jobs = left.len(),
+                "drain timeout: handing jobs back to the queue"
+            );
+            for job in left {
+                self.settler.hand_back(&job).await;
+            }
+        }
+        self.helpers_stop.cancel();
+        for task in self.helpers.drain(..) {
             let _ = task.await;
         }
-        if let Some(infer) = self.infer.take() {
-            let _ = tokio::task::spawn_blocking(move || infer.join()).await;
+        self.settler.flush().await;
+        if drained.is_ok() {
+            if let Some(infer) = self.infer.take() {
+                let _ = tokio::task::spawn_blocking(move || infer.join()).await;
+            }
+        }
+    }
+}
+
+/// Sends progress acks for every held job a few times per `ack_wait`, so jobs
+/// waiting behind a long backlog or a slow batch are not redelivered while
+/// this worker still has them.
+async fn keep_alive(settler: Settler, ack_wait: Duration, stop: CancellationToken) {
+    const BEATS_PER_ACK_WAIT: u32 = 3;
+    let mut ticker = tokio::time::interval(ack_wait / BEATS_PER_ACK_WAIT);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {
+                for job in settler.ledger().jobs() {
+                    settler.keep_alive(&job).await;
+                }
+            }
         }
     }
 }

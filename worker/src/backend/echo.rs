@@ -19,6 +19,8 @@ pub struct EchoBackend {
     max_seq_len: usize,
     /// Simulated compute per padded token, so tests can make batches slow.
     delay_per_token: Duration,
+    /// A word whose presence makes the forward pass fail, to test failures.
+    poison: Option<u32>,
 }
 
 impl Default for EchoBackend {
@@ -37,7 +39,15 @@ impl EchoBackend {
             },
             max_seq_len,
             delay_per_token,
+            poison: None,
         }
+    }
+
+    /// Makes every batch holding `word` fail, as a model that chokes on one
+    /// input would.
+    pub fn with_poison(mut self, word: &str) -> Self {
+        self.poison = Some(word_id(word));
+        self
     }
 
     /// The vector this backend returns for `text`, before normalisation.
@@ -86,6 +96,11 @@ impl Backend for EchoBackend {
         let padded = batch.iter().map(|ids| ids.len()).max().unwrap_or(0) * batch.len();
         if !self.delay_per_token.is_zero() {
             std::thread::sleep(self.delay_per_token * padded as u32);
+        }
+        if let Some(poison) = self.poison {
+            if batch.iter().any(|ids| ids.contains(&poison)) {
+                return Err(BackendError::Forward("echo: poisoned input".into()));
+            }
         }
         Ok(batch.iter().map(|ids| vector(ids)).collect())
     }
