@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, ServerAddr};
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::config::{Auth, NatsConfig};
@@ -15,6 +15,8 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
 pub enum ConnectError {
     #[error("no NATS server URL configured")]
     NoUrl,
+    #[error("invalid NATS server URL {url:?}: {source}")]
+    InvalidUrl { url: String, source: std::io::Error },
     #[error("reading credentials from {path}: {source}")]
     Credentials {
         path: String,
@@ -38,10 +40,20 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
         return Err(ConnectError::NoUrl);
     }
     let urls = config.urls.join(",");
+    let addrs = config
+        .urls
+        .iter()
+        .map(|url| {
+            url.parse::<ServerAddr>().map_err(|source| ConnectError::InvalidUrl {
+                url: url.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let attempt = || async {
         let options = options(config).await?;
         options
-            .connect(urls.as_str())
+            .connect(addrs.as_slice())
             .await
             .map_err(|source| ConnectError::Unreachable {
                 urls: urls.clone(),

@@ -126,3 +126,100 @@ impl Drop for NatsServer {
         let _ = self.child.wait();
     }
 }
+
+/// A JetStream cluster of real nats-server processes on loopback, for
+/// failover tests.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    names: Vec<String>,
+    client_ports: Vec<u16>,
+    dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes, routed to each other, each with its own store.
+    pub fn start(size: usize) -> Self {
+        let dir = tempfile::tempdir().expect("cluster dir");
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let names: Vec<String> = (0..size).map(|i| format!("n{i}")).collect();
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..size {
+            let store = dir.path().join(&names[i]);
+            let config = format!(
+                "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\njetstream {{ store_dir: \"{store}\" }}\n\
+                 cluster {{ name: jetinfer-test\n listen: \"127.0.0.1:{route}\"\n routes: [{routes}] }}\n",
+                name = names[i],
+                client = client_ports[i],
+                store = store.display(),
+                route = route_ports[i],
+                routes = routes.join(", "),
+            );
+            let path = dir.path().join(format!("{}.conf", names[i]));
+            std::fs::write(&path, config).expect("writing node config");
+            let child = Command::new(server_binary())
+                .arg("-c")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawning nats-server node");
+            nodes.push(Some(child));
+        }
+        let cluster = Self {
+            nodes,
+            names,
+            client_ports,
+            dir,
+        };
+        for &port in &cluster.client_ports {
+            let started = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    started.elapsed() < START_TIMEOUT,
+                    "cluster node on {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster
+    }
+
+    /// Client URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// SIGKILLs the node named `name` (as reported in a stream's cluster info).
+    pub fn kill(&mut self, name: &str) {
+        let index = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no node named {name}"));
+        if let Some(mut child) = self.nodes[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in self.nodes.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -561,3 +561,81 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(ok, n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
+    let mut cluster = jetinfer_nats::testing::NatsCluster::start(3);
+    let nats = jetinfer_nats::NatsConfig {
+        urls: cluster.urls(),
+        startup_retry_for: Duration::from_secs(30),
+        ..jetinfer_nats::NatsConfig::default()
+    };
+    let mut config = jetinfer_worker::config::WorkerConfig {
+        nats: nats.clone(),
+        ..Default::default()
+    };
+    config.model.backend = BackendKind::Echo;
+    config.stream.replicas = 3;
+    config.consumer.ack_wait = Duration::from_secs(3);
+    // The cluster elects its JetStream meta leader shortly after start.
+    let started = Instant::now();
+    let worker = loop {
+        match jetinfer_worker::Worker::start(
+            config.clone(),
+            Arc::new(EchoBackend::new(256, Duration::from_micros(50))),
+        )
+        .await
+        {
+            Ok(worker) => break worker,
+            Err(err) => {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "cluster never accepted the stream: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let client = Client::connect(ClientConfig {
+        nats: nats.clone(),
+        timeout: PATIENCE,
+        ..ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let js = jetstream::new(jetinfer_nats::connect(&nats).await.unwrap());
+    let mut stream = js.get_stream("JETINFER_JOBS").await.unwrap();
+    let leader = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("replicated stream has a leader");
+
+    let n = jobs_from_env(2000) / 2;
+    let done = Arc::new(AtomicUsize::new(0));
+    let run = {
+        let client = client.clone();
+        let done = Arc::clone(&done);
+        tokio::spawn(async move { submit_all(&client, n, "failover", done).await })
+    };
+    wait_until(&done, n / 4).await;
+    cluster.kill(&leader);
+    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+        .await
+        .expect("run finished")
+        .unwrap();
+    eprintln!(
+        "cluster failover: jobs={n} killed_leader={leader} answered={ok} lost={}",
+        n - ok - failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed jobs: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(ok, n);
+    worker.shutdown().await;
+}
