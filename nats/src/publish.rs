@@ -23,6 +23,9 @@ pub enum PublishJobError {
     /// with the same job id is safe (JetStream de-duplicates it).
     #[error("JetStream did not acknowledge the job in time; retrying with the same id is safe")]
     Timeout,
+    /// The connection dropped while publishing; the client is reconnecting.
+    #[error("connection to NATS lost while publishing; retrying with the same id is safe")]
+    Disconnected,
     #[error("publishing job: {0}")]
     Other(#[source] jetstream::context::PublishError),
 }
@@ -31,6 +34,7 @@ impl From<jetstream::context::PublishError> for PublishJobError {
     fn from(err: jetstream::context::PublishError) -> Self {
         match err.kind() {
             PublishErrorKind::TimedOut => Self::Timeout,
+            PublishErrorKind::BrokenPipe => Self::Disconnected,
             PublishErrorKind::StreamNotFound => Self::NoStream,
             _ if is_limit_refusal(&err) => Self::QueueFull,
             _ => Self::Other(err),
@@ -65,4 +69,11 @@ pub async fn publish_job(
         .await?
         .await?;
     Ok(ack)
+}
+
+impl PublishJobError {
+    /// Whether publishing the same job again (same id) may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Timeout | Self::Disconnected)
+    }
 }

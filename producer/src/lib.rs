@@ -221,7 +221,7 @@ impl Client {
                     .with_max_times(PUBLISH_ATTEMPTS - 1),
             )
             // Same job id, so JetStream de-duplicates a publish that did land.
-            .when(|err| matches!(err, PublishJobError::Timeout))
+            .when(PublishJobError::is_transient)
             .await;
         if let Err(err) = published {
             self.inner
