@@ -19,5 +19,5 @@ pub use async_nats;
 pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings};
 pub use connect::{connect, ConnectError};
 pub use provision::{provision_consumer, provision_stream, ProvisionError};
-pub use publish::{publish_job, PublishJobError};
+pub use publish::{publish_job, publish_job_traced, PublishJobError};
 pub use subjects::{SubjectError, Tenant};

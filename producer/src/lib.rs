@@ -164,7 +164,18 @@ impl Client {
     /// Publishes `job`, waits until JetStream stored it, then waits for its
     /// result (embeddings or a typed error) up to the configured timeout.
     pub async fn submit(&self, job: Job) -> Result<JobResult, SubmitError> {
-        let receiver = self.enqueue(&job).await?;
+        self.submit_traced(job, None).await
+    }
+
+    /// [`Client::submit`] as part of the caller's trace: `traceparent` (W3C
+    /// trace context) travels in the job's `traceparent` header into the
+    /// worker's spans. Without one, each job starts a new trace.
+    pub async fn submit_traced(
+        &self,
+        job: Job,
+        traceparent: Option<&str>,
+    ) -> Result<JobResult, SubmitError> {
+        let receiver = self.enqueue(&job, traceparent).await?;
         let timeout = self.inner.config.timeout;
         let outcome = tokio::time::timeout(timeout, receiver).await;
         self.inner
@@ -202,7 +213,11 @@ impl Client {
     }
 
     /// Registers the job's waiter and publishes it.
-    async fn enqueue(&self, job: &Job) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+    async fn enqueue(
+        &self,
+        job: &Job,
+        traceparent: Option<&str>,
+    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         self.check_model(&job.model).await?;
         let (sender, receiver) = oneshot::channel();
         // Register before publishing: the result can beat the PubAck.
@@ -211,8 +226,19 @@ impl Client {
             .lock()
             .expect("pending lock")
             .insert(job.id.clone(), sender);
+        // One trace per job: retries publish the same context.
+        let traceparent = traceparent
+            .filter(|t| jetinfer_nats::publish::valid_traceparent(t))
+            .map(str::to_string)
+            .unwrap_or_else(jetinfer_nats::publish::new_traceparent);
         let publish = || {
-            jetinfer_nats::publish_job(&self.inner.js, &self.inner.tenant, job, &self.inner.inbox)
+            jetinfer_nats::publish_job_traced(
+                &self.inner.js,
+                &self.inner.tenant,
+                job,
+                &self.inner.inbox,
+                Some(&traceparent),
+            )
         };
         let published = publish
             .retry(

@@ -2,6 +2,7 @@
 //! defaults, an optional TOML file and `JETINFER_*` environment variables
 //! (nested keys joined by `__`, e.g. `JETINFER_BATCH__MAX_INPUTS=16`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,10 @@ pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Messages requested per JetStream pull.
 pub const DEFAULT_PULL_BATCH: usize = 128;
 pub const DEFAULT_PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Metrics and probes on loopback unless the operator opens them up.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+/// How often the worker reads queue depth from JetStream.
+pub const DEFAULT_QUEUE_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -34,6 +39,8 @@ pub struct WorkerConfig {
     pub pull: PullConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub http: HttpConfig,
+    pub monitoring: MonitoringConfig,
 }
 
 impl WorkerConfig {
@@ -149,6 +156,37 @@ impl Default for PullConfig {
 pub struct LogConfig {
     /// One JSON object per line instead of human-readable text.
     pub json: bool,
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MonitoringConfig {
+    /// How often queue depth and stream usage are read from JetStream.
+    #[serde(with = "millis")]
+    pub queue_poll: Duration,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            queue_poll: DEFAULT_QUEUE_POLL,
+        }
+    }
 }
 
 /// Short durations in config are written in milliseconds (`max_wait = 5`).

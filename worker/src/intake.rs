@@ -13,6 +13,7 @@ use jetinfer_schemas::{decode_job, headers, ErrorCode, Job, JobError, Limits, Tr
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{Backend, Tokens};
 use crate::config::PullConfig;
@@ -61,7 +62,10 @@ impl Intake {
                 };
                 match next {
                     Some(Ok(message)) => {
-                        if let Some(job) = self.admit(message).await {
+                        let span = job_span(&message);
+                        if let Some(job) = self.admit(message).instrument(span.clone()).await {
+                            jetinfer_monitoring::job_admitted(&self.model);
+                            let job = job.with_span(span);
                             if jobs.send(Arc::new(job)).await.is_err() {
                                 return;
                             }
@@ -79,6 +83,8 @@ impl Intake {
 
     /// Turns a message into an admitted job, or answers it and returns `None`.
     async fn admit(&self, message: Message) -> Option<InFlightJob> {
+        let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
+        jetinfer_monitoring::job_received(&self.model, delivery);
         let reply_to = message
             .headers
             .as_ref()
@@ -107,6 +113,10 @@ impl Intake {
         };
         let Some(reply_to) = reply_to else {
             tracing::warn!(job = %job.id, "job has no {} header: nobody to answer; terminated", headers::REPLY_TO);
+            jetinfer_monitoring::job_dead_lettered(
+                &self.model,
+                jetinfer_monitoring::DeadLetter::NoReplySubject,
+            );
             crate::publish::settle(&message, AckKind::Term).await;
             return None;
         };
@@ -140,7 +150,34 @@ impl Intake {
             tokens,
         ))
     }
+}
 
+/// The span a job's log lines carry from intake to its reply: its JetStream
+/// identity and the producer's `traceparent` (W3C trace context), if any, so
+/// logs join the caller's trace.
+fn job_span(message: &Message) -> tracing::Span {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let traceparent = header(headers::TRACEPARENT).unwrap_or_default();
+    let trace_id = traceparent
+        .split('-')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    tracing::info_span!(
+        "job",
+        id = %header(headers::MSG_ID).unwrap_or_default(),
+        traceparent = %traceparent,
+        trace_id = %trace_id,
+    )
+}
+
+impl Intake {
     /// Checks that need no tokenizer: limits, model, deadline.
     fn check(&self, job: &Job, message: &Message) -> Result<(), JobError> {
         job.validate(&self.limits)?;

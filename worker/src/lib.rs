@@ -8,14 +8,22 @@
 //!
 //! Shutdown flows the same way: cancelling stops intake, and each stage drains
 //! what it holds before the next one sees its input close.
+//!
+//! Beside the data path: [`http`] (`/metrics`, `/healthz`, `/readyz`),
+//! [`queue_depth`] (queue depth and drain estimate from JetStream) and
+//! [`discovery`] (the NATS Services API). Metric names live in
+//! `jetinfer-monitoring`; the stages call its one-line recording functions.
 
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod discovery;
+pub mod http;
 pub mod infer;
 pub mod intake;
 pub mod job;
 pub mod publish;
+pub mod queue_depth;
 
 use std::sync::Arc;
 
@@ -41,19 +49,40 @@ pub enum WorkerError {
     Provision(#[from] jetinfer_nats::ProvisionError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Metrics(#[from] jetinfer_monitoring::InstallError),
+    #[error("registering with the NATS Services API: {0}")]
+    Discovery(async_nats::Error),
 }
 
 /// Loads the backend `config` names.
 pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(match config.backend {
-        BackendKind::Candle => Arc::new(CandleBackend::load(config)?),
-        BackendKind::Echo => Arc::new(EchoBackend::default()),
-    })
+    // Install first: a load recorded before the recorder exists would be lost.
+    if let Err(err) = jetinfer_monitoring::install() {
+        tracing::warn!(error = %err, "metrics unavailable");
+    }
+    let clock = std::time::Instant::now();
+    let loaded: Result<Arc<dyn Backend>, BackendError> = match config.backend {
+        BackendKind::Candle => CandleBackend::load(config).map(|b| Arc::new(b) as Arc<dyn Backend>),
+        BackendKind::Echo => Ok(Arc::new(EchoBackend::default())),
+    };
+    match &loaded {
+        Ok(b) => jetinfer_monitoring::model_loaded(
+            &config.name,
+            &b.info().id,
+            &b.info().revision,
+            clock.elapsed(),
+        ),
+        Err(_) => jetinfer_monitoring::model_load_failed(&config.name),
+    }
+    loaded
 }
 
 /// A running worker.
 pub struct Worker {
     shutdown: CancellationToken,
+    health: http::Health,
+    service: Option<async_nats::service::Service>,
     tasks: Vec<JoinHandle<()>>,
     infer: Option<std::thread::JoinHandle<()>>,
 }
@@ -65,12 +94,30 @@ impl Worker {
         config: WorkerConfig,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, WorkerError> {
+        Self::start_with_health(config, backend, http::Health::default()).await
+    }
+
+    /// [`Worker::start`], reporting readiness into `health` (which the
+    /// binary's HTTP endpoint serves as `/readyz`).
+    pub async fn start_with_health(
+        config: WorkerConfig,
+        backend: Arc<dyn Backend>,
+        health: http::Health,
+    ) -> Result<Self, WorkerError> {
+        jetinfer_monitoring::install()?;
+        jetinfer_monitoring::register_model(&config.model.name);
+        health.set_model_loaded(true);
         let client = jetinfer_nats::connect(&config.nats).await?;
+        health.set_client(client.clone());
         let js = jetstream::new(client.clone());
         let stream = jetinfer_nats::provision_stream(&js, &config.stream).await?;
         let consumer =
             jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer)
                 .await?;
+        let service = discovery::announce(&client, &config, backend.info())
+            .await
+            .map_err(WorkerError::Discovery)?;
+        health.set_consumer_bound(true);
         tracing::info!(
             model = %config.model.name,
             id = %backend.info().id,
@@ -80,11 +127,18 @@ impl Worker {
         );
 
         let shutdown = CancellationToken::new();
-        let responder = publish::Responder::new(client);
+        let responder = publish::Responder::new(client, config.model.name.clone());
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
 
+        let queue_depth = queue_depth::run(
+            consumer.clone(),
+            stream,
+            config.monitoring.queue_poll,
+            (config.model.device == config::DeviceKind::Cuda).then_some(config.model.cuda_ordinal),
+            shutdown.clone(),
+        );
         let intake = intake::Intake {
             consumer,
             backend: Arc::clone(&backend),
@@ -97,10 +151,13 @@ impl Worker {
             tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
             tokio::spawn(batch::run(config.batch, jobs_rx, batch_tx)),
             tokio::spawn(publish::run(backend.info().clone(), responder, done_rx)),
+            tokio::spawn(queue_depth),
         ];
         let infer = infer::spawn(backend, batch_rx, done_tx);
         Ok(Self {
             shutdown,
+            health,
+            service: Some(service),
             tasks,
             infer: Some(infer),
         })
@@ -111,6 +168,11 @@ impl Worker {
         self.shutdown.clone()
     }
 
+    /// What `/readyz` reports for this worker.
+    pub fn health(&self) -> http::Health {
+        self.health.clone()
+    }
+
     /// Stops pulling, finishes and answers what the worker holds, and returns.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
@@ -119,6 +181,13 @@ impl Worker {
 
     /// Waits until the worker has stopped (after its shutdown token fires).
     pub async fn join(&mut self) {
+        self.shutdown.cancelled().await;
+        self.health.set_consumer_bound(false);
+        if let Some(service) = self.service.take() {
+            if let Err(err) = service.stop().await {
+                tracing::warn!(error = %err, "leaving the NATS Services API failed");
+            }
+        }
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }

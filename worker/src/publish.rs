@@ -4,9 +4,10 @@
 //! `deadline_exceeded` instead.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo};
+use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -18,11 +19,20 @@ use crate::job::InFlightJob;
 #[derive(Clone)]
 pub struct Responder {
     client: async_nats::Client,
+    /// The model name jobs are addressed to: the `model` label of metrics.
+    model: Arc<str>,
 }
 
 impl Responder {
-    pub fn new(client: async_nats::Client) -> Self {
-        Self { client }
+    pub fn new(client: async_nats::Client, model: String) -> Self {
+        Self {
+            client,
+            model: model.into(),
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
     /// Publishes `result` to `reply_to` (buffered; see [`Responder::flush`]).
@@ -55,6 +65,17 @@ impl Responder {
         ack: AckKind,
     ) {
         tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job rejected");
+        match reply_to {
+            Some(_) => jetinfer_monitoring::job_finished(
+                &self.model,
+                error.code.as_str(),
+                since_stored(message),
+            ),
+            None => jetinfer_monitoring::job_dead_lettered(
+                &self.model,
+                jetinfer_monitoring::DeadLetter::NoReplySubject,
+            ),
+        }
         if let Some(reply_to) = reply_to {
             self.send(reply_to, &JobResult::error(job_id.to_string(), error))
                 .await;
@@ -79,6 +100,14 @@ pub async fn run(model: ModelInfo, responder: Responder, mut done: mpsc::Receive
     }) = done.recv().await
     {
         let mut finished: Vec<(Arc<InFlightJob>, JobResult)> = Vec::new();
+        let tokens = batch.items.iter().map(|w| w.len).sum();
+        jetinfer_monitoring::record_batch(
+            responder.model(),
+            run.size,
+            tokens,
+            batch.padded_tokens,
+            run.elapsed,
+        );
         match embeddings {
             Ok(embeddings) => {
                 for (item, embedding) in batch.items.into_iter().zip(embeddings) {
@@ -110,15 +139,40 @@ pub async fn run(model: ModelInfo, responder: Responder, mut done: mpsc::Receive
             continue;
         }
         for (job, result) in &finished {
+            let _span = job.span.enter();
             responder.send(&job.reply_to, result).await;
+            record_finished(responder.model(), job, result);
         }
         // Ack only what has been flushed to the server: a crash before this
         // point means redelivery, never a lost result.
         responder.flush().await;
         for (job, _) in &finished {
             settle(&job.message, AckKind::Ack).await;
+            jetinfer_monitoring::job_released(responder.model());
         }
     }
+}
+
+fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
+    let outcome = match &result.outcome {
+        Outcome::Ok(e) => {
+            jetinfer_monitoring::job_queue_wait(
+                model,
+                Duration::from_micros(e.timings.queue_wait_us),
+            );
+            jetinfer_monitoring::OUTCOME_OK
+        }
+        Outcome::Error(err) => err.code.as_str(),
+    };
+    let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();
+    jetinfer_monitoring::job_finished(model, outcome, stored);
+    tracing::debug!(job = %job.id, outcome, "job answered");
+}
+
+/// Time since JetStream stored `message`, when its metadata says.
+fn since_stored(message: &Message) -> Option<Duration> {
+    let published = message.info().ok()?.published;
+    (OffsetDateTime::now_utc() - published).try_into().ok()
 }
 
 pub fn deadline_error() -> JobError {
