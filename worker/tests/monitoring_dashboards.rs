@@ -52,7 +52,7 @@ fn dashboard_exprs() -> Vec<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_panel_and_recording_rule_has_data_from_a_scraped_worker() {
+async fn a_scraped_worker_feeds_every_dashboard_panel_and_rule_and_answers_service_discovery() {
     let server = NatsServer::start();
     let config = observed_config(&server);
     let backend = load_backend(&config.model).unwrap();
@@ -63,6 +63,20 @@ async fn every_dashboard_panel_and_recording_rule_has_data_from_a_scraped_worker
     let target = http.local_addr.to_string();
     assert_eq!(http_get(&target, "/healthz").await.unwrap().0, 200);
     assert_eq!(http_get(&target, "/readyz").await.unwrap().0, 200);
+
+    // Discoverable with ordinary NATS tooling: the Services API INFO verb.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let info = nats
+        .request("$SRV.INFO.jetinfer-worker", "".into())
+        .await
+        .expect("the worker answers $SRV.INFO");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["name"], "jetinfer-worker");
+    assert_eq!(info["metadata"]["model"], "minilm");
+    assert_eq!(
+        info["metadata"]["batch_max_inputs"],
+        config.batch.max_inputs.to_string()
+    );
 
     let rules = read(&observe::monitoring_dir().join("prometheus/rules/recording.yml"));
     let prometheus = start_prometheus(
