@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: fetches nats-server and the model
-# into .cache (once), then formatting, lints and every test. `.ci/run` calls
+# into .cache (once) and the monitoring tools (Debian packages, when missing),
+# then the Prometheus/Alertmanager checks, formatting, lints and every test. `.ci/run` calls
 # this; run it yourself the same way: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+bash scripts/deps/monitoring.sh
+
+echo "== promtool, amtool" >&2
+promtool check config monitoring/prometheus/prometheus.yml
+promtool check rules monitoring/prometheus/rules/*.yml
+promtool test rules monitoring/prometheus/tests/*.yml
+amtool check-config monitoring/alertmanager/alertmanager.yml
 
 echo "== deployment lint (workflows, compose, Kubernetes, NATS config)" >&2
 bash scripts/lint-deploy.sh

@@ -88,7 +88,11 @@ pub struct StreamSettings {
     pub max_messages: i64,
     #[serde(with = "humantime_secs")]
     pub duplicate_window: Duration,
+    /// Replicas of the jobs, results and dead-letter streams.
     pub replicas: usize,
+    /// How long the results stream keeps results for producers catching up.
+    #[serde(with = "humantime_secs")]
+    pub results_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -99,6 +103,7 @@ impl Default for StreamSettings {
             max_messages: DEFAULT_STREAM_MAX_MESSAGES,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             replicas: 1,
+            results_max_age: crate::results::DEFAULT_RESULTS_MAX_AGE,
         }
     }
 }

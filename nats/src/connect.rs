@@ -36,6 +36,19 @@ pub enum ConnectError {
 /// with exponential back-off for `startup_retry_for`; after the first connection
 /// async-nats reconnects on its own.
 pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
+    connect_with_events(config, |_| {}).await
+}
+
+/// [`connect`], calling `on_event` for every connection event (disconnected,
+/// reconnected, ...), e.g. to catch up on what was missed while away.
+pub async fn connect_with_events<F>(
+    config: &NatsConfig,
+    on_event: F,
+) -> Result<Client, ConnectError>
+where
+    F: Fn(async_nats::Event) + Send + Sync + 'static,
+{
+    let on_event = std::sync::Arc::new(on_event);
     if config.urls.is_empty() {
         return Err(ConnectError::NoUrl);
     }
@@ -44,14 +57,19 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
         .urls
         .iter()
         .map(|url| {
-            url.parse::<ServerAddr>().map_err(|source| ConnectError::InvalidUrl {
-                url: url.clone(),
-                source,
-            })
+            url.parse::<ServerAddr>()
+                .map_err(|source| ConnectError::InvalidUrl {
+                    url: url.clone(),
+                    source,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let attempt = || async {
-        let options = options(config).await?;
+        let on_event = std::sync::Arc::clone(&on_event);
+        let options = options(config).await?.event_callback(move |event| {
+            let on_event = std::sync::Arc::clone(&on_event);
+            async move { on_event(event) }
+        });
         options
             .connect(addrs.as_slice())
             .await

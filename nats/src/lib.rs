@@ -5,6 +5,7 @@
 //! - [`connect()`]: a client from [`NatsConfig`], retried with back-off at start-up.
 //! - [`provision`]: idempotent creation of the jobs stream and per-model consumers.
 //! - [`publish`]: publishing a job with `Nats-Msg-Id` and awaiting its PubAck.
+//! - [`results`]: the durable results stream, publishing into it, catching up.
 //! - [`dead_letter`]: the dead-letter stream and storing a job that was given up.
 //! - `testing` (feature `testing`): a real `nats-server` on a free loopback port.
 
@@ -13,13 +14,14 @@ mod connect;
 pub mod dead_letter;
 pub mod provision;
 pub mod publish;
+pub mod results;
 pub mod subjects;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use async_nats;
 pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings};
-pub use connect::{connect, ConnectError};
+pub use connect::{connect, connect_with_events, ConnectError};
 pub use provision::{provision_consumer, provision_stream, ProvisionError};
-pub use publish::{publish_job, PublishJobError};
+pub use publish::{publish_job, publish_job_traced, PublishJobError};
 pub use subjects::{SubjectError, Tenant};

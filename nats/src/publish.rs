@@ -53,17 +53,36 @@ fn is_limit_refusal(err: &jetstream::context::PublishError) -> bool {
 }
 
 /// Publishes `job` for `tenant`, asking for the result on `reply_to`, and waits
-/// until JetStream has stored it.
+/// until JetStream has stored it. The job starts a new trace (see
+/// [`publish_job_traced`] to continue the caller's).
 pub async fn publish_job(
     js: &jetstream::Context,
     tenant: &Tenant,
     job: &Job,
     reply_to: &str,
 ) -> Result<PublishAck, PublishJobError> {
+    publish_job_traced(js, tenant, job, reply_to, None).await
+}
+
+/// [`publish_job`] with the caller's W3C `traceparent`; without one (or with
+/// a malformed one) a new trace is started, so every job carries a header the
+/// worker's spans can join.
+pub async fn publish_job_traced(
+    js: &jetstream::Context,
+    tenant: &Tenant,
+    job: &Job,
+    reply_to: &str,
+    traceparent: Option<&str>,
+) -> Result<PublishAck, PublishJobError> {
     let subject = subjects::job(&job.model, tenant)?;
     let mut headers = HeaderMap::new();
     headers.insert(headers::MSG_ID, job.id.as_str());
     headers.insert(headers::REPLY_TO, reply_to);
+    let traceparent = match traceparent.filter(|t| valid_traceparent(t)) {
+        Some(t) => t.to_string(),
+        None => new_traceparent(),
+    };
+    headers.insert(headers::TRACEPARENT, traceparent.as_str());
     let ack = js
         .publish_with_headers(subject, headers, encode_job(job).into())
         .await?
@@ -75,5 +94,62 @@ impl PublishJobError {
     /// Whether publishing the same job again (same id) may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Timeout | Self::Disconnected)
+    }
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero.
+pub fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
+/// A new sampled trace context with random ids.
+pub fn new_traceparent() -> String {
+    format!(
+        "00-{:016x}{:016x}-{:016x}-01",
+        random_u64(),
+        random_u64(),
+        random_u64()
+    )
+}
+
+/// Random enough for trace ids (not for secrets): std's per-process random
+/// hash keys over a clock reading and a counter.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_traceparents_are_valid_and_distinct() {
+        let a = new_traceparent();
+        let b = new_traceparent();
+        assert!(valid_traceparent(&a), "{a}");
+        assert_ne!(a, b);
+        assert!(!valid_traceparent("00-0000-1111-01"));
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
     }
 }

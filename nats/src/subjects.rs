@@ -16,6 +16,8 @@ pub const RESULTS_PREFIX: &str = "results";
 pub const DEAD_LETTER_PREFIX: &str = "dlq";
 /// Name of the dead-letter stream.
 pub const DEAD_LETTER_STREAM: &str = "JETINFER_DLQ";
+/// Name of the results stream.
+pub const RESULTS_STREAM: &str = "JETINFER_RESULTS";
 /// Longest model or tenant name.
 pub const MAX_TOKEN_LEN: usize = 64;
 
@@ -111,6 +113,11 @@ pub fn all_dead_letters() -> String {
 /// its consumer's `max_deliver`.
 pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// `results.>`: the results stream's subjects.
+pub fn all_results() -> String {
+    format!("{RESULTS_PREFIX}.>")
 }
 
 /// `results.<tenant>.<client>`: a client's result inbox.

@@ -7,6 +7,11 @@
 //! result for a job nobody waits for (a late or duplicate one) is dropped, so
 //! a caller never sees two results for one job.
 //!
+//! Results are also kept in JetStream's results stream: after the client's
+//! connection comes back (its network dropped, or the server restarted), it
+//! reads the results published to its inbox while it was away, so an answered
+//! job is never waited on for ever.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use jetinfer_producer::{Client, ClientConfig};
@@ -95,6 +100,46 @@ impl From<PublishJobError> for SubmitError {
 
 type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
 
+/// Results are read back from a little before the disconnect was noticed.
+const CATCH_UP_MARGIN: time::Duration = time::Duration::seconds(10);
+
+/// Routes every result stored for `inbox` since `since`: those published
+/// while the connection was down never reached the live subscription.
+async fn catch_up_results(
+    js: &jetstream::Context,
+    inbox: &str,
+    since: time::OffsetDateTime,
+    routes: &Pending,
+) {
+    match jetinfer_nats::results::since(js, inbox, since).await {
+        Ok(missed) => {
+            tracing::info!(results = missed.len(), "reconnected; caught up on results");
+            for payload in missed {
+                route(routes, &payload);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "catching up on results failed"),
+    }
+}
+
+/// Hands a result to the caller waiting for its job, if any.
+fn route(pending: &Pending, payload: &[u8]) {
+    match decode_result(payload) {
+        Ok(result) => {
+            let waiter = pending.lock().expect("pending lock").remove(&result.job_id);
+            match waiter {
+                Some(waiter) => {
+                    let _ = waiter.send(result);
+                }
+                None => {
+                    tracing::debug!(job = %result.job_id, "result nobody waits for (late or duplicate); dropped")
+                }
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "undecodable result dropped"),
+    }
+}
+
 /// Submits jobs and awaits their results. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -120,32 +165,42 @@ impl Drop for Inner {
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self, SubmitError> {
         let tenant = Tenant::new(config.tenant.clone())?;
-        let nats = jetinfer_nats::connect(&config.nats).await?;
+        let (events, mut connection) = tokio::sync::mpsc::unbounded_channel();
+        let nats = jetinfer_nats::connect_with_events(&config.nats, move |event| {
+            let _ = events.send(event);
+        })
+        .await?;
         let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
         let mut results = nats.subscribe(inbox.clone()).await?;
         let pending: Pending = Arc::default();
         let routes = Arc::clone(&pending);
+        let js = jetstream::new(nats.clone());
+        let catch_up = (js.clone(), inbox.clone());
         let dispatcher = tokio::spawn(async move {
-            while let Some(message) = results.next().await {
-                match decode_result(&message.payload) {
-                    Ok(result) => {
-                        let waiter = routes.lock().expect("pending lock").remove(&result.job_id);
-                        match waiter {
-                            Some(waiter) => {
-                                let _ = waiter.send(result);
-                            }
-                            None => {
-                                tracing::debug!(job = %result.job_id, "result nobody waits for (late or duplicate); dropped")
+            let mut away_since = None;
+            loop {
+                tokio::select! {
+                    message = results.next() => match message {
+                        Some(message) => route(&routes, &message.payload),
+                        None => return,
+                    },
+                    Some(event) = connection.recv() => match event {
+                        async_nats::Event::Disconnected => {
+                            away_since.get_or_insert(time::OffsetDateTime::now_utc());
+                        }
+                        async_nats::Event::Connected => {
+                            if let Some(since) = away_since.take() {
+                                catch_up_results(&catch_up.0, &catch_up.1, since - CATCH_UP_MARGIN, &routes).await;
                             }
                         }
-                    }
-                    Err(err) => tracing::warn!(error = %err, "undecodable result dropped"),
+                        _ => {}
+                    },
                 }
             }
         });
         Ok(Self {
             inner: Arc::new(Inner {
-                js: jetstream::new(nats),
+                js,
                 tenant,
                 inbox,
                 pending,
@@ -164,7 +219,18 @@ impl Client {
     /// Publishes `job`, waits until JetStream stored it, then waits for its
     /// result (embeddings or a typed error) up to the configured timeout.
     pub async fn submit(&self, job: Job) -> Result<JobResult, SubmitError> {
-        let receiver = self.enqueue(&job).await?;
+        self.submit_traced(job, None).await
+    }
+
+    /// [`Client::submit`] as part of the caller's trace: `traceparent` (W3C
+    /// trace context) travels in the job's `traceparent` header into the
+    /// worker's spans. Without one, each job starts a new trace.
+    pub async fn submit_traced(
+        &self,
+        job: Job,
+        traceparent: Option<&str>,
+    ) -> Result<JobResult, SubmitError> {
+        let receiver = self.enqueue(&job, traceparent).await?;
         let timeout = self.inner.config.timeout;
         let outcome = tokio::time::timeout(timeout, receiver).await;
         self.inner
@@ -202,7 +268,11 @@ impl Client {
     }
 
     /// Registers the job's waiter and publishes it.
-    async fn enqueue(&self, job: &Job) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+    async fn enqueue(
+        &self,
+        job: &Job,
+        traceparent: Option<&str>,
+    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         self.check_model(&job.model).await?;
         let (sender, receiver) = oneshot::channel();
         // Register before publishing: the result can beat the PubAck.
@@ -211,8 +281,19 @@ impl Client {
             .lock()
             .expect("pending lock")
             .insert(job.id.clone(), sender);
+        // One trace per job: retries publish the same context.
+        let traceparent = traceparent
+            .filter(|t| jetinfer_nats::publish::valid_traceparent(t))
+            .map(str::to_string)
+            .unwrap_or_else(jetinfer_nats::publish::new_traceparent);
         let publish = || {
-            jetinfer_nats::publish_job(&self.inner.js, &self.inner.tenant, job, &self.inner.inbox)
+            jetinfer_nats::publish_job_traced(
+                &self.inner.js,
+                &self.inner.tenant,
+                job,
+                &self.inner.inbox,
+                Some(&traceparent),
+            )
         };
         let published = publish
             .retry(

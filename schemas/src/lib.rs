@@ -31,4 +31,6 @@ pub mod headers {
     pub const REPLY_TO: &str = "Jetinfer-Reply-To";
     /// JetStream's de-duplication header; jetinfer sets it to the job id.
     pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// W3C trace context of the submitting caller, carried into the worker's spans.
+    pub const TRACEPARENT: &str = "traceparent";
 }

@@ -2,6 +2,7 @@
 //! defaults, an optional TOML file and `JETINFER_*` environment variables
 //! (nested keys joined by `__`, e.g. `JETINFER_BATCH__MAX_INPUTS=16`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// First and largest delay before a job that failed transiently is redelivered.
 pub const DEFAULT_RETRY_MIN_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
+/// Metrics and probes on loopback unless the operator opens them up.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+/// How often the worker reads queue depth from JetStream.
+pub const DEFAULT_QUEUE_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -43,6 +48,8 @@ pub struct WorkerConfig {
     pub retry: RetryConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub http: HttpConfig,
+    pub monitoring: MonitoringConfig,
 }
 
 impl WorkerConfig {
@@ -226,6 +233,37 @@ mod secs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MonitoringConfig {
+    /// How often queue depth and stream usage are read from JetStream.
+    #[serde(with = "millis")]
+    pub queue_poll: Duration,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            queue_poll: DEFAULT_QUEUE_POLL,
+        }
     }
 }
 

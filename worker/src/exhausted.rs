@@ -95,13 +95,23 @@ async fn bury(
             job_id.clone(),
             JobError::new(ErrorCode::Internal, detail.clone()),
         );
-        let _ = client
-            .publish(reply_to.as_str().to_string(), encode_result(&result).into())
-            .await;
-        let _ = client.flush().await;
+        if let Err(err) = jetinfer_nats::results::publish(
+            client,
+            js,
+            reply_to.as_str(),
+            encode_result(&result).into(),
+        )
+        .await
+        {
+            tracing::warn!(job = %job_id, error = %err, "error reply for exhausted job not sent");
+        }
     }
     if let Err(err) = stream.delete_message(advisory.stream_seq).await {
         tracing::warn!(seq = advisory.stream_seq, error = %err, "exhausted job not deleted from jobs stream");
+    }
+    if let Some((model, _)) = subjects::parse_job(&message.subject) {
+        jetinfer_monitoring::job_dead_lettered(model, jetinfer_monitoring::REASON_MAX_DELIVERIES);
+        jetinfer_monitoring::job_finished(model, ErrorCode::Internal.as_str(), None);
     }
     tracing::warn!(job = %job_id, deliveries = advisory.deliveries, "job moved to dead letters");
 }

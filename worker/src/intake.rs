@@ -13,6 +13,7 @@ use jetinfer_schemas::{decode_job, headers, ErrorCode, Job, JobError, Limits, Tr
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{Backend, Tokens};
 use crate::config::PullConfig;
@@ -74,9 +75,10 @@ impl Intake {
                     }
                     continue;
                 }
-                if let Some(job) = self.admit(message).await {
-                    let job = Arc::new(job);
-                    self.settler.ledger().insert(&job);
+                let span = job_span(&message);
+                if let Some(job) = self.admit(message).instrument(span.clone()).await {
+                    let job = Arc::new(job.with_span(span));
+                    self.settler.admitted(&job);
                     if jobs.send(job).await.is_err() {
                         return;
                     }
@@ -87,6 +89,8 @@ impl Intake {
 
     /// Turns a message into an admitted job, or answers it and returns `None`.
     async fn admit(&self, message: Message) -> Option<InFlightJob> {
+        let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
+        jetinfer_monitoring::job_received(&self.model, delivery);
         let reply_to = message
             .headers
             .as_ref()
@@ -199,4 +203,29 @@ impl Intake {
         }
         Ok(tokens)
     }
+}
+
+/// The span a job's log lines carry from intake to its reply: its JetStream
+/// identity and the producer's `traceparent` (W3C trace context), if any, so
+/// logs join the caller's trace.
+fn job_span(message: &Message) -> tracing::Span {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let traceparent = header(headers::TRACEPARENT).unwrap_or_default();
+    let trace_id = traceparent
+        .split('-')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    tracing::info_span!(
+        "job",
+        id = %header(headers::MSG_ID).unwrap_or_default(),
+        traceparent = %traceparent,
+        trace_id = %trace_id,
+    )
 }

@@ -26,6 +26,8 @@ pub struct InFlightJob {
     /// When JetStream stored the job.
     pub published: OffsetDateTime,
     pub tokens: Vec<Tokens>,
+    /// Carries the producer's trace context into the reply's logs.
+    pub span: tracing::Span,
     assembly: Mutex<Assembly>,
 }
 
@@ -78,8 +80,15 @@ impl InFlightJob {
             message,
             published,
             tokens,
+            span: tracing::Span::none(),
             assembly: Mutex::new(assembly),
         }
+    }
+
+    /// The job with `span` as the span its later log lines belong to.
+    pub fn with_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 
     /// Records input `input`'s embedding; true when it was the job's last one.

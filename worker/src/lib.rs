@@ -13,15 +13,23 @@
 //! Shutdown flows the same way: cancelling stops intake, and each stage drains
 //! what it holds before the next one sees its input close. What is not done
 //! within the drain timeout is NAKed so another worker takes it at once.
+//!
+//! Beside the data path: [`http`] (`/metrics`, `/healthz`, `/readyz`),
+//! [`queue_depth`] (queue depth and drain estimate from JetStream) and
+//! [`discovery`] (the NATS Services API). Metric names live in
+//! `jetinfer-monitoring`; the stages call its one-line recording functions.
 
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod discovery;
 pub mod exhausted;
+pub mod http;
 pub mod infer;
 pub mod intake;
 pub mod job;
 pub mod publish;
+pub mod queue_depth;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,22 +60,43 @@ pub enum WorkerError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Subject(#[from] jetinfer_nats::SubjectError),
+    #[error(transparent)]
+    Metrics(#[from] jetinfer_monitoring::InstallError),
+    #[error("registering with the NATS Services API: {0}")]
+    Discovery(async_nats::Error),
 }
 
 /// Loads the backend `config` names.
 pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(match config.backend {
-        BackendKind::Candle => Arc::new(CandleBackend::load(config)?),
-        BackendKind::Echo => Arc::new(EchoBackend::new(
+    // Install first: a load recorded before the recorder exists would be lost.
+    if let Err(err) = jetinfer_monitoring::install() {
+        tracing::warn!(error = %err, "metrics unavailable");
+    }
+    let clock = std::time::Instant::now();
+    let loaded: Result<Arc<dyn Backend>, BackendError> = match config.backend {
+        BackendKind::Candle => CandleBackend::load(config).map(|b| Arc::new(b) as Arc<dyn Backend>),
+        BackendKind::Echo => Ok(Arc::new(EchoBackend::new(
             backend::echo::ECHO_MAX_SEQ_LEN,
             Duration::from_micros(config.echo_delay_per_token_us),
-        )),
-    })
+        ))),
+    };
+    match &loaded {
+        Ok(b) => jetinfer_monitoring::model_loaded(
+            &config.name,
+            &b.info().id,
+            &b.info().revision,
+            clock.elapsed(),
+        ),
+        Err(_) => jetinfer_monitoring::model_load_failed(&config.name),
+    }
+    loaded
 }
 
 /// A running worker.
 pub struct Worker {
     shutdown: CancellationToken,
+    health: http::Health,
+    service: Option<async_nats::service::Service>,
     /// The pipeline's stages, which finish on their own once intake stops.
     pipeline: Vec<JoinHandle<()>>,
     /// Side tasks (progress acks, exhausted jobs) stopped after the drain.
@@ -85,13 +114,37 @@ impl Worker {
         config: WorkerConfig,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, WorkerError> {
+        Self::start_with_health(config, backend, http::Health::default()).await
+    }
+
+    /// [`Worker::start`], reporting readiness into `health` (which the
+    /// binary's HTTP endpoint serves as `/readyz`).
+    pub async fn start_with_health(
+        config: WorkerConfig,
+        backend: Arc<dyn Backend>,
+        health: http::Health,
+    ) -> Result<Self, WorkerError> {
+        jetinfer_monitoring::install()?;
+        jetinfer_monitoring::register_model(&config.model.name);
+        health.set_model_loaded(true);
         let client = jetinfer_nats::connect(&config.nats).await?;
+        health.set_client(client.clone());
         let js = jetstream::new(client.clone());
         let stream = jetinfer_nats::provision_stream(&js, &config.stream).await?;
         jetinfer_nats::dead_letter::provision(&js, config.stream.replicas).await?;
+        jetinfer_nats::results::provision(
+            &js,
+            config.stream.results_max_age,
+            config.stream.replicas,
+        )
+        .await?;
         let consumer =
             jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer)
                 .await?;
+        let service = discovery::announce(&client, &config, backend.info())
+            .await
+            .map_err(WorkerError::Discovery)?;
+        health.set_consumer_bound(true);
         tracing::info!(
             model = %config.model.name,
             id = %backend.info().id,
@@ -103,12 +156,24 @@ impl Worker {
         let shutdown = CancellationToken::new();
         let helpers_stop = CancellationToken::new();
         let ledger = Arc::new(Ledger::default());
-        let settler = Settler::new(client.clone(), Arc::clone(&ledger), config.retry);
+        let settler = Settler::new(
+            client.clone(),
+            config.model.name.clone(),
+            Arc::clone(&ledger),
+            config.retry,
+        );
         let consumer_name = jetinfer_nats::subjects::consumer_name(&config.model.name)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
 
+        let queue_depth = queue_depth::run(
+            consumer.clone(),
+            stream.clone(),
+            config.monitoring.queue_poll,
+            (config.model.device == config::DeviceKind::Cuda).then_some(config.model.cuda_ordinal),
+            helpers_stop.clone(),
+        );
         let intake = intake::Intake {
             consumer,
             backend: Arc::clone(&backend),
@@ -138,10 +203,13 @@ impl Worker {
                 consumer_name,
                 helpers_stop.clone(),
             )),
+            tokio::spawn(queue_depth),
         ];
         let infer = infer::spawn(backend, batch_rx, done_tx);
         Ok(Self {
             shutdown,
+            health,
+            service: Some(service),
             pipeline,
             helpers,
             helpers_stop,
@@ -162,6 +230,11 @@ impl Worker {
         self.join().await;
     }
 
+    /// What `/readyz` reports for this worker.
+    pub fn health(&self) -> http::Health {
+        self.health.clone()
+    }
+
     /// Jobs held and not yet settled.
     pub fn jobs_in_hand(&self) -> usize {
         self.settler.ledger().len()
@@ -172,9 +245,21 @@ impl Worker {
     /// held is NAKed for immediate redelivery elsewhere.
     pub async fn join(&mut self) {
         self.shutdown.cancelled().await;
-        let pipeline: Vec<_> = self.pipeline.drain(..).collect();
-        let drained =
-            tokio::time::timeout(self.drain_timeout, futures::future::join_all(pipeline)).await;
+        self.health.set_consumer_bound(false);
+        if let Some(service) = self.service.take() {
+            if let Err(err) = service.stop().await {
+                tracing::warn!(error = %err, "leaving the NATS Services API failed");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let mut pipeline = self.pipeline.drain(..);
+        // Intake ends within one pull expiry of the cancel, having admitted or
+        // NAKed every message it was sent; only then is the ledger complete.
+        if let Some(intake) = pipeline.next() {
+            let _ = intake.await;
+        }
+        let rest: Vec<_> = pipeline.collect();
+        let drained = tokio::time::timeout_at(deadline, futures::future::join_all(rest)).await;
         if drained.is_err() {
             let left = self.settler.ledger().jobs();
             tracing::warn!(

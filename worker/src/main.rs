@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use jetinfer_worker::config::WorkerConfig;
+use jetinfer_worker::http::{Health, HttpServer};
 use jetinfer_worker::{load_backend, Worker};
 use tracing_subscriber::EnvFilter;
 
@@ -34,11 +35,14 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(config = ?config, "starting");
 
+    // Serve /healthz first: a startup probe waits on it while the model loads.
+    let health = Health::default();
+    let http = HttpServer::start(config.http.addr, health.clone()).await?;
     let model = config.model.clone();
     let backend = tokio::task::spawn_blocking(move || load_backend(&model))
         .await?
         .with_context(|| format!("loading model from {}", config.model.path.display()))?;
-    let mut worker = Worker::start(config, backend).await?;
+    let mut worker = Worker::start_with_health(config, backend, health).await?;
 
     let shutdown = worker.shutdown_token();
     tokio::spawn(async move {
@@ -47,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown.cancel();
     });
     worker.join().await;
+    http.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -9,11 +9,13 @@
 //!   letter with its reason, then terminated.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
-use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo};
+use jetinfer_nats::results;
+use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -26,16 +28,24 @@ use crate::job::{InFlightJob, Ledger};
 #[derive(Clone)]
 pub struct Settler {
     client: async_nats::Client,
+    /// The model name jobs are addressed to: the `model` label of metrics.
+    model: Arc<str>,
     js: jetstream::Context,
     ledger: Arc<Ledger>,
     retry: RetryConfig,
 }
 
 impl Settler {
-    pub fn new(client: async_nats::Client, ledger: Arc<Ledger>, retry: RetryConfig) -> Self {
+    pub fn new(
+        client: async_nats::Client,
+        model: String,
+        ledger: Arc<Ledger>,
+        retry: RetryConfig,
+    ) -> Self {
         let js = jetstream::new(client.clone());
         Self {
             client,
+            model: model.into(),
             js,
             ledger,
             retry,
@@ -46,35 +56,47 @@ impl Settler {
         &self.ledger
     }
 
-    /// Publishes replies, flushes, then double-acks each job. A job whose reply
-    /// could not be flushed is NAKed instead: its result is not known to have
-    /// left, so it must run again rather than be lost.
+    /// Takes an admitted job into the ledger until it is settled.
+    pub fn admitted(&self, job: &Arc<InFlightJob>) {
+        self.ledger.insert(job);
+        jetinfer_monitoring::job_admitted(&self.model);
+    }
+
+    fn release(&self, job: &InFlightJob) {
+        self.ledger.remove(job);
+        jetinfer_monitoring::job_released(&self.model);
+    }
+
+    /// Publishes each reply into the results stream and, once JetStream has
+    /// stored it, double-acks the job. A job whose reply was not stored is
+    /// NAKed instead: its result is not known to be kept, so it must run
+    /// again rather than be lost.
     pub async fn answer(&self, answered: Vec<(Arc<InFlightJob>, JobResult)>) {
-        if answered.is_empty() {
-            return;
-        }
-        let mut sent = Vec::with_capacity(answered.len());
-        for (job, result) in answered {
-            match self
-                .client
-                .publish(job.reply_to.clone(), encode_result(&result).into())
-                .await
-            {
-                Ok(()) => sent.push(job),
+        let stored = join_all(answered.iter().map(|(job, result)| async move {
+            let _span = job.span.enter();
+            results::publish(
+                &self.client,
+                &self.js,
+                &job.reply_to,
+                encode_result(result).into(),
+            )
+            .await
+        }))
+        .await;
+        let mut kept = Vec::with_capacity(answered.len());
+        for ((job, result), stored) in answered.into_iter().zip(stored) {
+            match stored {
+                Ok(()) => {
+                    record_finished(&self.model, &job, &result);
+                    kept.push(job);
+                }
                 Err(err) => {
-                    tracing::warn!(job = %job.id, error = %err, "publishing result failed; retrying the job");
+                    tracing::warn!(job = %job.id, error = %err, "result not stored; retrying the job");
                     self.retry_later(&job).await;
                 }
             }
         }
-        if let Err(err) = self.client.flush().await {
-            tracing::warn!(error = %err, "flushing results failed; retrying their jobs");
-            for job in &sent {
-                self.retry_later(job).await;
-            }
-            return;
-        }
-        join_all(sent.iter().map(|job| self.settle(job, AckKind::Ack))).await;
+        join_all(kept.iter().map(|job| self.settle(job, AckKind::Ack))).await;
     }
 
     /// NAKs `job` so JetStream redelivers it after the retry policy's delay.
@@ -98,7 +120,7 @@ impl Settler {
         if let Err(err) = outcome {
             tracing::warn!(job = %job.id, error = %err, "settling job failed; JetStream will redeliver it");
         }
-        self.ledger.remove(job);
+        self.release(job);
     }
 
     /// Pushes everything buffered (replies, acks, NAKs) to the server: a
@@ -130,6 +152,21 @@ impl Settler {
         keep: bool,
     ) {
         tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job refused");
+        if reply_to.is_some() {
+            jetinfer_monitoring::job_finished(
+                &self.model,
+                error.code.as_str(),
+                since_stored(message),
+            );
+        }
+        if keep {
+            let reason = if reply_to.is_some() {
+                error.code.as_str()
+            } else {
+                jetinfer_monitoring::REASON_NO_REPLY_SUBJECT
+            };
+            jetinfer_monitoring::job_dead_lettered(&self.model, reason);
+        }
         if let Some(reply_to) = reply_to {
             let result = JobResult::error(job_id.to_string(), error.clone());
             if let Err(err) = self
@@ -216,6 +253,28 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
         }
         settler.answer(answered).await;
     }
+}
+
+fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
+    let outcome = match &result.outcome {
+        Outcome::Ok(e) => {
+            jetinfer_monitoring::job_queue_wait(
+                model,
+                Duration::from_micros(e.timings.queue_wait_us),
+            );
+            jetinfer_monitoring::OUTCOME_OK
+        }
+        Outcome::Error(err) => err.code.as_str(),
+    };
+    let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();
+    jetinfer_monitoring::job_finished(model, outcome, stored);
+    tracing::debug!(job = %job.id, outcome, "job answered");
+}
+
+/// Time since JetStream stored `message`, when its metadata says.
+fn since_stored(message: &Message) -> Option<Duration> {
+    let published = message.info().ok()?.published;
+    (OffsetDateTime::now_utc() - published).try_into().ok()
 }
 
 pub fn deadline_error() -> JobError {

@@ -522,7 +522,8 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
     // the run far beyond the test's patience, so finishing shows none was.
     let env = [
         ("JETINFER_CONSUMER__ACK_WAIT", "600"),
-        ("JETINFER_MODEL__ECHO_DELAY_PER_TOKEN_US", "400"),
+        // About 10 s of compute for the whole run, against a 1 s drain.
+        ("JETINFER_MODEL__ECHO_DELAY_PER_TOKEN_US", "2000"),
         ("JETINFER_BATCH__MAX_INPUTS", "32"),
         ("JETINFER_SHUTDOWN__DRAIN_TIMEOUT", "1"),
     ];
@@ -548,6 +549,10 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
     let status = tokio::task::block_in_place(|| stopping.terminate());
     assert!(status.success(), "worker exited with {status}");
     let answered_by_first = done.load(Ordering::Relaxed);
+    assert!(
+        answered_by_first < n,
+        "the drain timeout never cut the drain short"
+    );
 
     let _taking_over = WorkerProcess::start(&server, "echo", &env);
     let (ok, failed) = tokio::time::timeout(Duration::from_secs(300), run)

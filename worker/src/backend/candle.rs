@@ -220,3 +220,13 @@ impl Backend for CandleBackend {
             .map_err(|e| BackendError::Forward(e.to_string()))
     }
 }
+
+/// Used and total memory of CUDA device `ordinal`, in bytes (CUDA builds).
+#[cfg(feature = "cuda")]
+pub fn gpu_memory(ordinal: usize) -> Option<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaContext};
+    // Binds the device's primary context (the one candle uses) to this thread.
+    let _context = CudaContext::new(ordinal).ok()?;
+    let (free, total) = result::mem_get_info().ok()?;
+    Some(((total - free) as u64, total as u64))
+}

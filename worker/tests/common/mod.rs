@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod observe;
+pub mod observe_setup;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

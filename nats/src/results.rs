@@ -1,0 +1,124 @@
+//! Durable results. Workers publish each result through JetStream into the
+//! `JETINFER_RESULTS` stream (subjects `results.>`) and ack the job only once
+//! JetStream has stored the result. Producers still receive results live on
+//! their inbox, since a stream does not hide a subject from plain subscribers;
+//! the stream is what lets a producer that was disconnected (its own network,
+//! or a server restart) catch up on results published meanwhile, instead of
+//! waiting for ever for a job that was answered and acked.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use time::OffsetDateTime;
+
+use crate::provision::ProvisionError;
+use crate::subjects::{self, RESULTS_STREAM};
+
+/// How long results are kept for late readers by default.
+pub const DEFAULT_RESULTS_MAX_AGE: Duration = Duration::from_secs(3600);
+/// Messages fetched per request while catching up.
+const CATCH_UP_BATCH: usize = 256;
+
+/// Creates the results stream (limits retention, old results age out), or
+/// updates it.
+pub async fn provision(
+    js: &jetstream::Context,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<(), ProvisionError> {
+    js.create_or_update_stream(stream::Config {
+        name: RESULTS_STREAM.to_string(),
+        subjects: vec![subjects::all_results()],
+        storage: stream::StorageType::File,
+        max_age,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| ProvisionError::Stream {
+        name: RESULTS_STREAM.to_string(),
+        source: err.into(),
+    })?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publishing result to {subject}: {message}")]
+pub struct ResultPublishError {
+    pub subject: String,
+    pub message: String,
+}
+
+/// Publishes a result to `reply_to` and waits until it is stored. A reply
+/// subject outside the results stream (a producer using a plain inbox) gets a
+/// plain publish and flush: delivered live or not at all, as it asked.
+pub async fn publish(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    reply_to: &str,
+    payload: Bytes,
+) -> Result<(), ResultPublishError> {
+    let failed = |message: String| ResultPublishError {
+        subject: reply_to.to_string(),
+        message,
+    };
+    match js.publish(reply_to.to_string(), payload.clone()).await {
+        Ok(ack) => match ack.await {
+            Ok(_) => Ok(()),
+            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                plain(client, reply_to, payload).await.map_err(failed)
+            }
+            Err(err) => Err(failed(err.to_string())),
+        },
+        Err(err) => Err(failed(err.to_string())),
+    }
+}
+
+async fn plain(client: &async_nats::Client, subject: &str, payload: Bytes) -> Result<(), String> {
+    client
+        .publish(subject.to_string(), payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())
+}
+
+/// Every stored result on `inbox` since `since`, oldest first, read through a
+/// short-lived consumer.
+pub async fn since(
+    js: &jetstream::Context,
+    inbox: &str,
+    since: OffsetDateTime,
+) -> Result<Vec<Bytes>, String> {
+    let stream = js
+        .get_stream(RESULTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: inbox.to_string(),
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: since },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut payloads = Vec::new();
+    loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(CATCH_UP_BATCH)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let before = payloads.len();
+        while let Some(message) = batch.next().await {
+            payloads.push(message.map_err(|e| e.to_string())?.payload.clone());
+        }
+        if payloads.len() == before {
+            return Ok(payloads);
+        }
+    }
+}
