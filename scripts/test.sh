@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+bash scripts/deps/chromium.sh   # the loadgen HTML report is checked in headless Chromium
 
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check
