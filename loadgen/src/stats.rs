@@ -82,6 +82,7 @@ pub struct Recorder {
     tokens: u64,
     errors: BTreeMap<String, u64>,
     last_done: Option<Instant>,
+    closed_at: Option<Instant>,
 }
 
 impl Recorder {
@@ -98,6 +99,7 @@ impl Recorder {
             tokens: 0,
             errors: BTreeMap::new(),
             last_done: None,
+            closed_at: None,
         }
     }
 
@@ -153,8 +155,10 @@ impl Recorder {
         Duration::from_micros(self.latency.value_at_quantile(q))
     }
 
-    /// Marks jobs sent but never answered (the run ended first) as errors.
+    /// Ends the run at `now`: throughput is over start to `now`, and jobs
+    /// sent but never answered count as `unfinished` errors.
     pub fn close(&mut self, now: Instant) {
+        self.closed_at = Some(now);
         let missing = self.sent.saturating_sub(self.finished());
         if missing > 0 {
             *self.errors.entry("unfinished".into()).or_default() += missing;
@@ -167,10 +171,12 @@ impl Recorder {
         }
     }
 
-    /// The run's numbers; throughput over `elapsed` (start to last result).
+    /// The run's numbers; throughput over the run (start to close, or to the
+    /// last result if not closed), so think time counts as time.
     pub fn summary(&self) -> Summary {
         let elapsed = self
-            .last_done
+            .closed_at
+            .or(self.last_done)
             .map(|d| d.saturating_duration_since(self.start))
             .unwrap_or_default()
             .max(Duration::from_millis(1));
@@ -423,7 +429,7 @@ mod tests {
         r.record(start, start, at(200), ok());
         r.record(start, start, at(700), JobOutcome::Error("timeout".into()));
         r.record(start, start, at(1000), ok());
-        r.close(at(1200));
+        r.close(at(1000));
         let s = r.summary();
         assert_eq!(s.jobs_ok, 3);
         assert_eq!(s.jobs_failed, 2);
