@@ -167,7 +167,19 @@ async fn closed_loop(run: &Arc<Run>) {
 }
 
 /// One virtual user: while the ramp counts it in, send, await, think.
+///
+/// Without a ramp, users start spread over one think time (user i of n after
+/// i/n of it), as users arriving at a service would, rather than all in the
+/// same instant: 10 users thinking 5 s then offer one job every 0.5 s.
 async fn user(run: Arc<Run>, index: usize) {
+    if run.scenario.stages.is_empty() && run.scenario.users > 0 {
+        let offset = run
+            .scenario
+            .think_time
+            .mul_f64(index as f64 / run.scenario.users as f64);
+        let latest = run.deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(offset.min(latest)).await;
+    }
     let mut active = false;
     loop {
         let now = Instant::now();
