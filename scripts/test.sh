@@ -8,6 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 bash scripts/deps/monitoring.sh
+bash scripts/deps/chromium.sh   # the loadgen HTML report is checked in headless Chromium
 
 echo "== promtool, amtool" >&2
 promtool check config monitoring/prometheus/prometheus.yml

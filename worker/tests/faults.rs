@@ -47,6 +47,8 @@ impl WorkerProcess {
             .env("JETINFER_NATS__URLS", format!("[\"{}\"]", server.url()))
             .env("JETINFER_MODEL__BACKEND", backend)
             .env("JETINFER_MODEL__PATH", model_dir())
+            // Several workers run at once: each takes its own metrics port.
+            .env("JETINFER_HTTP__ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
