@@ -19,7 +19,7 @@ use futures::StreamExt;
 use jetinfer_nats::dead_letter;
 use jetinfer_nats::testing::NatsServer;
 use jetinfer_producer::{Client, ClientConfig, SubmitError};
-use jetinfer_schemas::{decode_result, encode_job, headers, ErrorCode, Job};
+use jetinfer_schemas::{decode_result, encode_job, ErrorCode, Job};
 use jetinfer_worker::backend::echo::EchoBackend;
 use jetinfer_worker::config::{BackendKind, BatchConfig};
 
@@ -169,6 +169,22 @@ async fn submit_all(
     (ok, failed)
 }
 
+/// Waits for a run of `n` jobs, prints its figures after `label`, and asserts
+/// that every job was answered.
+async fn finish_run(run: tokio::task::JoinHandle<(usize, Vec<String>)>, n: usize, label: &str) {
+    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+        .await
+        .expect("run finished")
+        .unwrap();
+    eprintln!("{label} answered={ok} lost={}", n - ok - failed.len());
+    assert!(
+        failed.is_empty(),
+        "failed jobs: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(ok, n);
+}
+
 async fn wait_until(done: &AtomicUsize, at_least: usize) {
     let started = Instant::now();
     while done.load(Ordering::Relaxed) < at_least {
@@ -265,20 +281,12 @@ async fn server_restart_run(graceful: bool) {
             server.restart()
         }
     });
-    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
-        .await
-        .expect("run finished")
-        .unwrap();
-    eprintln!(
-        "server restart (graceful={graceful}): jobs={n} restarts=1 answered={ok} lost={}",
-        n - ok - failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "failed jobs: {:?}",
-        &failed[..failed.len().min(5)]
-    );
-    assert_eq!(ok, n);
+    finish_run(
+        run,
+        n,
+        &format!("server restart (graceful={graceful}): jobs={n} restarts=1"),
+    )
+    .await;
     worker.shutdown().await;
 }
 
@@ -290,19 +298,6 @@ async fn server_sigkilled_and_restarted_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stopped_and_restarted_mid_run_loses_nothing() {
     server_restart_run(true).await;
-}
-
-async fn publish_raw(js: &jetstream::Context, reply_to: Option<&str>, id: &str, payload: Vec<u8>) {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, id);
-    if let Some(reply_to) = reply_to {
-        h.insert(headers::REPLY_TO, reply_to);
-    }
-    js.publish_with_headers("jobs.minilm.default", h, payload.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,36 +324,22 @@ async fn poison_jobs_become_dead_letters_and_every_good_job_is_answered() {
     let mut replies = nats.subscribe(inbox).await.unwrap();
     for i in 0..100 {
         let id = format!("bad-{i}");
-        match i % 4 {
-            0 => publish_raw(&js, Some(inbox), &id, b"\xc1\xc1 not a job".to_vec()).await,
-            1 => {
-                publish_raw(
-                    &js,
-                    Some(inbox),
-                    &id,
-                    encode_job(&Job::new("minilm", vec![]).with_id(&id)),
-                )
-                .await
-            }
-            2 => {
-                publish_raw(
-                    &js,
-                    Some(inbox),
-                    &id,
-                    encode_job(&Job::new("other", vec!["x".into()]).with_id(&id)),
-                )
-                .await
-            }
-            _ => {
-                publish_raw(
-                    &js,
-                    None,
-                    &id,
-                    encode_job(&Job::new("minilm", vec!["x".into()]).with_id(&id)),
-                )
-                .await
-            }
-        }
+        let (reply_to, payload) = match i % 4 {
+            0 => (Some(inbox), b"\xc1\xc1 not a job".to_vec()),
+            1 => (
+                Some(inbox),
+                encode_job(&Job::new("minilm", vec![]).with_id(&id)),
+            ),
+            2 => (
+                Some(inbox),
+                encode_job(&Job::new("other", vec!["x".into()]).with_id(&id)),
+            ),
+            _ => (
+                None,
+                encode_job(&Job::new("minilm", vec!["x".into()]).with_id(&id)),
+            ),
+        };
+        publish_raw(&js, "jobs.minilm.default", reply_to, &id, payload).await;
     }
     let (ok, failed) = tokio::time::timeout(PATIENCE, run).await.unwrap().unwrap();
     assert!(failed.is_empty(), "{failed:?}");
@@ -630,19 +611,11 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
     };
     wait_until(&done, n / 4).await;
     cluster.kill(&leader);
-    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
-        .await
-        .expect("run finished")
-        .unwrap();
-    eprintln!(
-        "cluster failover: jobs={n} killed_leader={leader} answered={ok} lost={}",
-        n - ok - failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "failed jobs: {:?}",
-        &failed[..failed.len().min(5)]
-    );
-    assert_eq!(ok, n);
+    finish_run(
+        run,
+        n,
+        &format!("cluster failover: jobs={n} killed_leader={leader}"),
+    )
+    .await;
     worker.shutdown().await;
 }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use jetinfer_nats::testing::NatsServer;
 use jetinfer_producer::SubmitError;
 use jetinfer_schemas::{
-    decode_result, encode_job, headers, ErrorCode, Job, JobOptions, JobResult, Truncation,
+    decode_result, encode_job, ErrorCode, Job, JobOptions, JobResult, Truncation,
 };
 use jetinfer_worker::backend::echo::EchoBackend;
 use jetinfer_worker::backend::l2_normalize;
@@ -157,26 +157,6 @@ async fn a_lone_job_is_answered_after_max_wait_without_a_full_batch() {
         e.timings.queue_wait_us
     );
     worker.shutdown().await;
-}
-
-/// Publishes raw bytes on a job subject with our inbox as reply subject.
-async fn publish_raw(
-    js: &jetstream::Context,
-    subject: &str,
-    reply_to: Option<&str>,
-    id: &str,
-    payload: Vec<u8>,
-) {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, id);
-    if let Some(reply_to) = reply_to {
-        h.insert(headers::REPLY_TO, reply_to);
-    }
-    js.publish_with_headers(subject.to_string(), h, payload.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

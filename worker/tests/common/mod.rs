@@ -73,3 +73,24 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// Publishes raw bytes on a job subject, as a misbehaving producer would,
+/// with `reply_to` (if any) as the reply-subject header.
+pub async fn publish_raw(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    reply_to: Option<&str>,
+    id: &str,
+    payload: Vec<u8>,
+) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(jetinfer_schemas::headers::MSG_ID, id);
+    if let Some(reply_to) = reply_to {
+        h.insert(jetinfer_schemas::headers::REPLY_TO, reply_to);
+    }
+    js.publish_with_headers(subject.to_string(), h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
