@@ -218,6 +218,16 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
         expired,
     }) = done.recv().await
     {
+        if !batch.is_empty() {
+            let tokens = batch.items.iter().map(|w| w.len).sum();
+            jetinfer_monitoring::record_batch(
+                &settler.model,
+                run.size,
+                tokens,
+                batch.padded_tokens,
+                run.elapsed,
+            );
+        }
         for item in expired {
             if item.job.fail() {
                 settler
