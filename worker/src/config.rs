@@ -16,9 +16,12 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MODEL_NAME: &str = "minilm";
 /// Default model directory, as laid out by `scripts/setup.sh`.
 pub const DEFAULT_MODEL_PATH: &str = ".cache/models/all-MiniLM-L6-v2";
-pub const DEFAULT_MAX_BATCH_INPUTS: usize = 32;
-/// Padded-token budget per batch: longest input in the batch times inputs.
-pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+/// Batch size that gave the most texts/s on the CPU, end to end and direct
+/// (`cargo bench -p jetinfer-worker --bench throughput`, README Performance).
+pub const DEFAULT_MAX_BATCH_INPUTS: usize = 8;
+/// Padded-token budget per batch: longest input in the batch times inputs
+/// (8 inputs at the model's 256-token maximum).
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Messages requested per JetStream pull.
 pub const DEFAULT_PULL_BATCH: usize = 128;
