@@ -185,6 +185,19 @@ async fn finish_run(run: tokio::task::JoinHandle<(usize, Vec<String>)>, n: usize
     assert_eq!(ok, n);
 }
 
+/// Waits until a worker process has provisioned the stream and answers jobs.
+async fn wait_for_workers(client: &Client) {
+    let started = Instant::now();
+    while client
+        .submit(Job::new("minilm", vec!["warm-up".into()]))
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < PATIENCE, "workers did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn wait_until(done: &AtomicUsize, at_least: usize) {
     let started = Instant::now();
     while done.load(Ordering::Relaxed) < at_least {
@@ -205,16 +218,7 @@ async fn crash_run(backend: &str, n: usize, kills: usize, delay_us: &str) {
     let _steady = WorkerProcess::start(&server, backend, &env);
     let counter = WireCounter::start(&server).await;
     let client = patient_client(&server).await;
-    // Wait for the workers to provision the stream before submitting.
-    let started = Instant::now();
-    while client
-        .submit(Job::new("minilm", vec!["warm-up".into()]))
-        .await
-        .is_err()
-    {
-        assert!(started.elapsed() < PATIENCE, "workers did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_workers(&client).await;
 
     let done = Arc::new(AtomicUsize::new(0));
     let run = {
@@ -512,15 +516,7 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
     ];
     let mut stopping = WorkerProcess::start(&server, "echo", &env);
     let client = patient_client(&server).await;
-    let started = Instant::now();
-    while client
-        .submit(Job::new("minilm", vec!["warm-up".into()]))
-        .await
-        .is_err()
-    {
-        assert!(started.elapsed() < PATIENCE, "worker did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_workers(&client).await;
     let n = 400;
     let done = Arc::new(AtomicUsize::new(0));
     let run = {
