@@ -3,7 +3,12 @@
 //! end through a real nats-server at saturation with the same batch size.
 //!
 //!     cargo bench -p jetinfer-worker --bench throughput
-//!     BENCH_TEXTS=1024 BENCH_BATCHES=8,32 cargo bench -p jetinfer-worker --bench throughput
+//!     BENCH_TEXTS=1024 BENCH_BATCHES=8,32 BENCH_FORWARDS=packed,candle \
+//!         cargo bench -p jetinfer-worker --bench throughput
+//!
+//! `BENCH_FORWARDS` names the forward passes to compare (`model.forward`);
+//! `BENCH_ST_TEXTS_PER_S`, when set (scripts/bench-throughput.sh sets it from
+//! a sentence-transformers run on the same texts), adds the ratio to it.
 //!
 //! Not a test: it asserts nothing about speed and prints a table.
 
@@ -16,11 +21,12 @@ use jetinfer_nats::NatsConfig;
 use jetinfer_producer::{Client, ClientConfig};
 use jetinfer_schemas::Job;
 use jetinfer_worker::backend::Backend;
-use jetinfer_worker::config::{BatchConfig, ModelConfig, WorkerConfig};
+use jetinfer_worker::config::{BatchConfig, ForwardKind, ModelConfig, WorkerConfig};
 use jetinfer_worker::{load_backend, Worker};
 
 const DEFAULT_TEXTS: usize = 1024;
 const DEFAULT_BATCHES: &str = "8,32";
+const DEFAULT_FORWARDS: &str = "packed,candle";
 /// Jobs in flight from the producer: enough to keep the worker saturated.
 const IN_FLIGHT: usize = 512;
 
@@ -116,11 +122,18 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(&corpus).expect("bench corpus")).unwrap();
     let texts: Vec<String> = texts.into_iter().take(n).collect();
 
-    let model = ModelConfig {
-        path: workspace_root().join(".cache/models/all-MiniLM-L6-v2"),
-        ..ModelConfig::default()
-    };
-    let backend = load_backend(&model).expect("model loads (run scripts/setup.sh)");
+    let forwards: Vec<ForwardKind> = std::env::var("BENCH_FORWARDS")
+        .unwrap_or_else(|_| DEFAULT_FORWARDS.into())
+        .split(',')
+        .map(|f| match f.trim() {
+            "packed" => ForwardKind::Packed,
+            "candle" => ForwardKind::Candle,
+            other => panic!("BENCH_FORWARDS: unknown forward `{other}` (packed, candle)"),
+        })
+        .collect();
+    let sentence_transformers: Option<f64> = std::env::var("BENCH_ST_TEXTS_PER_S")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -131,20 +144,34 @@ fn main() {
         texts.len()
     );
     println!("machine: {}", machine());
+    if let Some(st) = sentence_transformers {
+        println!("sentence-transformers, best batch size, same texts: {st:.1} texts/s");
+    }
     println!();
-    println!("| batch | direct texts/s | direct tokens/s | end-to-end texts/s | e2e / direct |");
-    println!("|---|---|---|---|---|");
-    // Warm-up: first forward passes pay for page faults and allocations.
-    direct(backend.as_ref(), &texts[..texts.len().min(64)], 8);
-    for batch in batches {
-        let (secs, tokens) = direct(backend.as_ref(), &texts, batch);
-        let direct_rate = texts.len() as f64 / secs;
-        let e2e_secs = runtime.block_on(end_to_end(Arc::clone(&backend), &texts, batch));
-        let e2e_rate = texts.len() as f64 / e2e_secs;
-        println!(
-            "| {batch} | {direct_rate:.1} | {:.0} | {e2e_rate:.1} | {:.2} |",
-            tokens as f64 / secs,
-            e2e_rate / direct_rate
-        );
+    println!("| forward | batch | direct texts/s | direct tokens/s | end-to-end texts/s | e2e / direct | e2e / sentence-transformers |");
+    println!("|---|---|---|---|---|---|---|");
+    for forward in forwards {
+        let model = ModelConfig {
+            path: workspace_root().join(".cache/models/all-MiniLM-L6-v2"),
+            forward,
+            ..ModelConfig::default()
+        };
+        let backend = load_backend(&model).expect("model loads (run scripts/setup.sh)");
+        // Warm-up: first forward passes pay for page faults and allocations.
+        direct(backend.as_ref(), &texts[..texts.len().min(64)], 8);
+        for &batch in &batches {
+            let (secs, tokens) = direct(backend.as_ref(), &texts, batch);
+            let direct_rate = texts.len() as f64 / secs;
+            let e2e_secs = runtime.block_on(end_to_end(Arc::clone(&backend), &texts, batch));
+            let e2e_rate = texts.len() as f64 / e2e_secs;
+            let versus_st = sentence_transformers
+                .map(|st| format!("{:.2}", e2e_rate / st))
+                .unwrap_or_else(|| "n/a".into());
+            println!(
+                "| {forward:?} | {batch} | {direct_rate:.1} | {:.0} | {e2e_rate:.1} | {:.2} | {versus_st} |",
+                tokens as f64 / secs,
+                e2e_rate / direct_rate
+            );
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! Policy ([`take_batch`]): the oldest waiting input always goes into the next
 //! batch (nothing starves), and it is joined by the waiting inputs closest to
 //! it in length, so padding stays small, while the batch stays within
-//! `max_inputs` and `max_tokens` (longest input x inputs, as padded models pay).
+//! `max_inputs` and `max_tokens`, counted as the model pays ([`Cost`]:
+//! longest input x inputs when it pads, the sum of the inputs when it packs).
 //! A batch leaves when it is full or when its oldest input has waited
 //! `max_wait`, and only when inference is ready for it, so a busy model lets
 //! batches grow instead of queueing small ones.
@@ -32,19 +33,41 @@ pub struct Waiting<J> {
     pub arrived: Instant,
 }
 
+/// How many token positions a batch occupies in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    /// Every input padded to the longest: longest x inputs.
+    Padded,
+    /// Inputs packed end to end: the sum of their tokens.
+    Packed,
+}
+
+impl Cost {
+    fn of(self, longest: usize, count: usize, total: usize) -> usize {
+        match self {
+            Cost::Padded => longest * count,
+            Cost::Packed => total,
+        }
+    }
+
+    fn of_items<J>(self, items: impl Iterator<Item = usize> + Clone) -> usize {
+        let longest = items.clone().max().unwrap_or(0);
+        self.of(longest, items.clone().count(), items.sum())
+    }
+}
+
 /// Inputs from one or more jobs that run in one forward pass.
 pub struct Batch<J> {
     pub items: Vec<Waiting<J>>,
-    /// Padded tokens: longest input x inputs.
+    /// Token positions the model computes, padding included ([`Cost`]).
     pub padded_tokens: usize,
     pub formed_at: Instant,
 }
 
 impl<J> Batch<J> {
-    fn new(items: Vec<Waiting<J>>, formed_at: Instant) -> Self {
-        let longest = items.iter().map(|w| w.len).max().unwrap_or(0);
+    fn new(items: Vec<Waiting<J>>, cost: Cost, formed_at: Instant) -> Self {
         Self {
-            padded_tokens: longest * items.len(),
+            padded_tokens: cost.of_items::<J>(items.iter().map(|w| w.len)),
             items,
             formed_at,
         }
@@ -59,13 +82,12 @@ impl<J> Batch<J> {
     }
 }
 
-/// Padded cost of `count` inputs whose longest is `longest` tokens.
-fn cost(longest: usize, count: usize) -> usize {
-    longest * count
-}
-
 /// Takes the next batch from `waiting` (oldest first in the deque).
-pub fn take_batch<J>(waiting: &mut VecDeque<Waiting<J>>, limits: &BatchConfig) -> Vec<Waiting<J>> {
+pub fn take_batch<J>(
+    waiting: &mut VecDeque<Waiting<J>>,
+    limits: &BatchConfig,
+    cost: Cost,
+) -> Vec<Waiting<J>> {
     let Some(anchor) = waiting.front() else {
         return Vec::new();
     };
@@ -76,17 +98,20 @@ pub fn take_batch<J>(waiting: &mut VecDeque<Waiting<J>>, limits: &BatchConfig) -
 
     let mut chosen = vec![0usize];
     let mut longest = anchor_len;
+    let mut total = anchor_len;
     for i in order {
         if chosen.len() >= limits.max_inputs {
             break;
         }
         let candidate_longest = longest.max(waiting[i].len);
-        if cost(candidate_longest, chosen.len() + 1) > limits.max_tokens {
+        let candidate_total = total + waiting[i].len;
+        if cost.of(candidate_longest, chosen.len() + 1, candidate_total) > limits.max_tokens {
             // Candidates only get further from the anchor's length from here on,
             // but a shorter one may still fit: keep looking.
             continue;
         }
         longest = candidate_longest;
+        total = candidate_total;
         chosen.push(i);
     }
     chosen.sort_unstable();
@@ -99,15 +124,16 @@ pub fn take_batch<J>(waiting: &mut VecDeque<Waiting<J>>, limits: &BatchConfig) -
 }
 
 /// Whether `waiting` holds a full batch's worth of inputs.
-fn full<J>(waiting: &VecDeque<Waiting<J>>, limits: &BatchConfig) -> bool {
-    let longest = waiting.iter().map(|w| w.len).max().unwrap_or(0);
-    waiting.len() >= limits.max_inputs || cost(longest, waiting.len()) >= limits.max_tokens
+fn full<J>(waiting: &VecDeque<Waiting<J>>, limits: &BatchConfig, cost: Cost) -> bool {
+    waiting.len() >= limits.max_inputs
+        || cost.of_items::<J>(waiting.iter().map(|w| w.len)) >= limits.max_tokens
 }
 
 /// Runs the batcher until `jobs` closes, then flushes what is still waiting
 /// (ignoring `max_wait`) and returns, which closes `batches`.
 pub async fn run<J: BatchJob>(
     limits: BatchConfig,
+    cost: Cost,
     mut jobs: mpsc::Receiver<Arc<J>>,
     batches: mpsc::Sender<Batch<J>>,
 ) {
@@ -120,15 +146,15 @@ pub async fn run<J: BatchJob>(
         let now = Instant::now();
         let oldest = waiting.front().map(|w| w.arrived);
         let due = oldest.is_some_and(|t| now >= t + limits.max_wait);
-        let ready = !waiting.is_empty() && (!open || due || full(&waiting, &limits));
+        let ready = !waiting.is_empty() && (!open || due || full(&waiting, &limits, cost));
         let wake_at = oldest.map(|t| t + limits.max_wait).unwrap_or(now);
 
         tokio::select! {
             biased;
             permit = batches.reserve(), if ready => {
                 let Ok(permit) = permit else { return }; // inference has gone
-                let items = take_batch(&mut waiting, &limits);
-                permit.send(Batch::new(items, Instant::now()));
+                let items = take_batch(&mut waiting, &limits, cost);
+                permit.send(Batch::new(items, cost, Instant::now()));
             }
             job = jobs.recv(), if open => match job {
                 Some(job) => {
@@ -188,7 +214,7 @@ mod tests {
         let mut queue = waiting(&[5; 10]);
         let l = limits(4, 10_000, 0);
         let sizes: Vec<usize> = std::iter::from_fn(|| {
-            let b = take_batch(&mut queue, &l);
+            let b = take_batch(&mut queue, &l, Cost::Padded);
             (!b.is_empty()).then_some(b.len())
         })
         .collect();
@@ -199,35 +225,45 @@ mod tests {
     fn batch_stays_within_padded_token_budget() {
         // The budget is longest x count: 3 inputs of 10 tokens cost 30.
         let mut queue = waiting(&[10, 10, 10, 10, 10]);
-        let batch = take_batch(&mut queue, &limits(100, 30, 0));
+        let batch = take_batch(&mut queue, &limits(100, 30, 0), Cost::Padded);
         assert_eq!(lens(&batch), vec![10, 10, 10]);
         // One long input raises everyone's cost: 40 + 10 would pad to 80.
         let mut queue = waiting(&[40, 10, 10]);
-        let batch = take_batch(&mut queue, &limits(100, 60, 0));
+        let batch = take_batch(&mut queue, &limits(100, 60, 0), Cost::Padded);
         assert_eq!(
             lens(&batch),
             vec![40],
             "the oldest goes alone rather than over budget"
         );
         assert_eq!(
-            lens(&take_batch(&mut queue, &limits(100, 60, 0))),
+            lens(&take_batch(&mut queue, &limits(100, 60, 0), Cost::Padded)),
             vec![10, 10]
         );
     }
 
     #[test]
+    fn packed_budget_counts_real_tokens_so_a_long_input_does_not_crowd_out_short_ones() {
+        // Packed, 40 + 10 + 10 costs 60, not 120: all three fit a budget of 60.
+        let mut queue = waiting(&[40, 10, 10, 10]);
+        let batch = take_batch(&mut queue, &limits(100, 60, 0), Cost::Packed);
+        assert_eq!(lens(&batch), vec![10, 10, 40]);
+        let left: Vec<usize> = queue.iter().map(|w| w.len).collect();
+        assert_eq!(left, vec![10]);
+    }
+
+    #[test]
     fn oldest_input_always_runs_even_over_budget() {
         let mut queue = waiting(&[300, 5]);
-        let batch = take_batch(&mut queue, &limits(8, 256, 0));
+        let batch = take_batch(&mut queue, &limits(8, 256, 0), Cost::Padded);
         assert_eq!(lens(&batch), vec![300]);
     }
 
     #[test]
     fn inputs_are_grouped_by_length_around_the_oldest() {
         let mut queue = waiting(&[20, 200, 3, 21, 190, 19, 4]);
-        let batch = take_batch(&mut queue, &limits(3, 10_000, 0));
+        let batch = take_batch(&mut queue, &limits(3, 10_000, 0), Cost::Padded);
         assert_eq!(lens(&batch), vec![19, 20, 21]);
-        let next = take_batch(&mut queue, &limits(3, 10_000, 0));
+        let next = take_batch(&mut queue, &limits(3, 10_000, 0), Cost::Padded);
         // The oldest left is the 200: it anchors the next batch with its nearest lengths.
         assert_eq!(lens(&next), vec![4, 190, 200]);
     }
@@ -242,7 +278,7 @@ mod tests {
         let (job_tx, job_rx) = mpsc::channel(64);
         let (batch_tx, mut batch_rx) = mpsc::channel(1);
         let start = Instant::now();
-        tokio::spawn(run(l, job_rx, batch_tx));
+        tokio::spawn(run(l, Cost::Padded, job_rx, batch_tx));
         tokio::spawn(async move {
             for (at, lens) in jobs {
                 tokio::time::sleep_until(start + at).await;

@@ -16,11 +16,13 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MODEL_NAME: &str = "minilm";
 /// Default model directory, as laid out by `scripts/setup.sh`.
 pub const DEFAULT_MODEL_PATH: &str = ".cache/models/all-MiniLM-L6-v2";
-/// Batch size that gave the most texts/s on the CPU, end to end and direct
-/// (`cargo bench -p jetinfer-worker --bench throughput`, README Performance).
-pub const DEFAULT_MAX_BATCH_INPUTS: usize = 8;
-/// Padded-token budget per batch: longest input in the batch times inputs
-/// (8 inputs at the model's 256-token maximum).
+/// Batch size that gave the most texts/s with the packed CPU forward
+/// (`scripts/bench-throughput.sh`, docs/benchmarks.md); the padded candle
+/// forward is held near 8 by the token budget below on realistic lengths.
+pub const DEFAULT_MAX_BATCH_INPUTS: usize = 32;
+/// Token budget per batch, counted as the forward pays (`batch::Cost`): real
+/// tokens when packed, longest input x inputs when padded (8 inputs at the
+/// model's 256-token maximum).
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Messages requested per JetStream pull.
@@ -90,6 +92,20 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// Which forward pass computes a BERT model's embeddings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardKind {
+    /// `packed` on CPU, `candle` on CUDA.
+    #[default]
+    Auto,
+    /// jetinfer's own CPU forward (`jetinfer-bert`): batches packed without
+    /// padding, fused projections, vectorised kernels. CPU only.
+    Packed,
+    /// candle's stock `BertModel`, inputs padded to the longest of the batch.
+    Candle,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelConfig {
@@ -105,6 +121,8 @@ pub struct ModelConfig {
     pub revision: Option<String>,
     pub device: DeviceKind,
     pub cuda_ordinal: usize,
+    /// Candle backend only: which forward pass runs the model.
+    pub forward: ForwardKind,
     /// Echo backend only: simulated compute per padded token, in microseconds.
     pub echo_delay_per_token_us: u64,
 }
@@ -119,6 +137,7 @@ impl Default for ModelConfig {
             revision: None,
             device: DeviceKind::Cpu,
             cuda_ordinal: 0,
+            forward: ForwardKind::Auto,
             echo_delay_per_token_us: 0,
         }
     }

@@ -184,7 +184,16 @@ impl Worker {
         };
         let pipeline = vec![
             tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
-            tokio::spawn(batch::run(config.batch, jobs_rx, batch_tx)),
+            tokio::spawn(batch::run(
+                config.batch,
+                if backend.pads_batches() {
+                    batch::Cost::Padded
+                } else {
+                    batch::Cost::Packed
+                },
+                jobs_rx,
+                batch_tx,
+            )),
             tokio::spawn(publish::run(
                 backend.info().clone(),
                 settler.clone(),

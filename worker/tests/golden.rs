@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use jetinfer_nats::testing::NatsServer;
 use jetinfer_schemas::Job;
-use jetinfer_worker::config::{BackendKind, BatchConfig};
+use jetinfer_worker::backend::l2_normalize;
+use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind};
 use jetinfer_worker::load_backend;
 use serde::Deserialize;
 
@@ -132,4 +133,35 @@ fn long_text_is_truncated_at_max_seq_length_not_the_tokenizers_128() {
     assert!(tokens.truncated);
     // And short texts are not padded to a fixed length.
     assert_eq!(backend.tokenize("hello").unwrap().ids.len(), 3);
+}
+
+/// Both forward passes, called directly with all golden texts in one mixed
+/// batch and again one by one: the packed forward (the CPU default, which the
+/// end-to-end test above runs) and candle's stock padded one.
+#[test]
+fn each_forward_matches_reference_embeddings_in_one_batch_and_alone() {
+    let golden = golden();
+    for forward in [ForwardKind::Packed, ForwardKind::Candle] {
+        let config = jetinfer_worker::config::ModelConfig {
+            path: model_dir(),
+            forward,
+            ..Default::default()
+        };
+        let backend = load_backend(&config).expect("model loads");
+        assert_eq!(backend.pads_batches(), forward == ForwardKind::Candle);
+        let tokens: Vec<Vec<u32>> = golden
+            .texts
+            .iter()
+            .map(|t| backend.tokenize(t).unwrap().ids)
+            .collect();
+        let batch: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        let together = backend.embed(&batch).expect("batch embeds");
+        for (i, ids) in batch.iter().enumerate() {
+            let alone = backend.embed(&[ids]).expect("text embeds");
+            for mut got in [together[i].clone(), alone[0].clone()] {
+                l2_normalize(&mut got);
+                assert_matches(&golden.texts[i], &got, &golden.embeddings[i]);
+            }
+        }
+    }
 }

@@ -2,6 +2,11 @@
 //! tokens, truncation at `max_seq_length` from `sentence_bert_config.json`, and
 //! padding only to the longest input of each batch.
 //!
+//! Two forward passes compute the same embeddings: jetinfer's own packed CPU
+//! forward (`jetinfer-bert`, the default on CPU: no padding at all) and
+//! candle's stock `BertModel` (inputs padded to the batch's longest; the one
+//! that runs on CUDA). `model.forward` picks one.
+//!
 //! The model's `tokenizer.json` may carry its own fixed padding and truncation
 //! (all-MiniLM-L6-v2's pads everything to 128 and cuts at 128); both are
 //! replaced here, or most compute goes to padding and long texts embed wrongly.
@@ -18,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{Backend, BackendError, Tokens};
-use crate::config::{DeviceKind, ModelConfig};
+use crate::config::{DeviceKind, ForwardKind, ModelConfig};
 
 /// Hex digits of the weights' SHA-256 used as revision when none is configured.
 const REVISION_HEX_LEN: usize = 12;
@@ -42,8 +47,13 @@ enum Pooling {
     Cls,
 }
 
+enum Encoder {
+    Packed(jetinfer_bert::Bert),
+    Candle(BertModel),
+}
+
 pub struct CandleBackend {
-    model: BertModel,
+    encoder: Encoder,
     tokenizer: Tokenizer,
     device: Device,
     pooling: Pooling,
@@ -110,7 +120,23 @@ impl CandleBackend {
             VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), DType::F32, &device)
         }
         .map_err(|e| load_err(&weights, e))?;
-        let model = BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?;
+        let encoder =
+            match (config.forward, config.device) {
+                (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda) => {
+                    Encoder::Candle(BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?)
+                }
+                (ForwardKind::Packed, DeviceKind::Cuda) => return Err(load_err(
+                    dir,
+                    "the packed forward runs on CPU only: set model.forward = \"candle\" for CUDA",
+                )),
+                (ForwardKind::Packed | ForwardKind::Auto, DeviceKind::Cpu) => {
+                    let packed: jetinfer_bert::Config = read_json(&dir.join("config.json"))?;
+                    Encoder::Packed(
+                        jetinfer_bert::Bert::load(&weights, packed)
+                            .map_err(|e| load_err(&weights, e))?,
+                    )
+                }
+            };
 
         let info = ModelInfo {
             id: config.id.clone().unwrap_or_else(|| dir_name(dir)),
@@ -118,7 +144,7 @@ impl CandleBackend {
             dimension: bert.hidden_size as u32,
         };
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             device,
             pooling,
@@ -128,7 +154,28 @@ impl CandleBackend {
         })
     }
 
-    fn forward(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+    fn forward(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let forward_err = |e: &dyn std::fmt::Display| BackendError::Forward(e.to_string());
+        match &self.encoder {
+            Encoder::Packed(bert) => {
+                let pooling = match self.pooling {
+                    Pooling::Mean => jetinfer_bert::Pooling::Mean,
+                    Pooling::Cls => jetinfer_bert::Pooling::Cls,
+                };
+                bert.embed(batch, pooling).map_err(|e| forward_err(&e))
+            }
+            Encoder::Candle(model) => self
+                .forward_padded(model, batch)
+                .map_err(|e| forward_err(&e)),
+        }
+    }
+
+    /// candle's `BertModel`: pad to the longest input, mask, pool.
+    fn forward_padded(
+        &self,
+        model: &BertModel,
+        batch: &[&[u32]],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
         let rows = batch.len();
         let width = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows * width);
@@ -142,7 +189,7 @@ impl CandleBackend {
         let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
         let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        let hidden = model.forward(&ids, &token_types, Some(&mask))?;
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
@@ -201,6 +248,10 @@ impl Backend for CandleBackend {
         self.max_seq_len
     }
 
+    fn pads_batches(&self) -> bool {
+        matches!(self.encoder, Encoder::Candle(_))
+    }
+
     fn tokenize(&self, text: &str) -> Result<Tokens, BackendError> {
         let encoding = self
             .tokenizer
@@ -217,7 +268,6 @@ impl Backend for CandleBackend {
             return Ok(Vec::new());
         }
         self.forward(batch)
-            .map_err(|e| BackendError::Forward(e.to_string()))
     }
 }
 

@@ -34,6 +34,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Longest input, in tokens, the model accepts.
     fn max_seq_len(&self) -> usize;
 
+    /// Whether a batch costs its longest input times its inputs (padded, as
+    /// most models run) rather than the sum of its inputs' tokens (packed).
+    /// The batcher budgets `batch.max_tokens` by this.
+    fn pads_batches(&self) -> bool {
+        true
+    }
+
     /// Tokenises one text, truncating it to `max_seq_len`.
     fn tokenize(&self, text: &str) -> Result<Tokens, BackendError>;
 
