@@ -50,7 +50,7 @@ impl Cost {
         }
     }
 
-    fn of_items<J>(self, items: impl Iterator<Item = usize> + Clone) -> usize {
+    fn of_items(self, items: impl Iterator<Item = usize> + Clone) -> usize {
         let longest = items.clone().max().unwrap_or(0);
         self.of(longest, items.clone().count(), items.sum())
     }
@@ -67,7 +67,7 @@ pub struct Batch<J> {
 impl<J> Batch<J> {
     fn new(items: Vec<Waiting<J>>, cost: Cost, formed_at: Instant) -> Self {
         Self {
-            padded_tokens: cost.of_items::<J>(items.iter().map(|w| w.len)),
+            padded_tokens: cost.of_items(items.iter().map(|w| w.len)),
             items,
             formed_at,
         }
@@ -126,7 +126,7 @@ pub fn take_batch<J>(
 /// Whether `waiting` holds a full batch's worth of inputs.
 fn full<J>(waiting: &VecDeque<Waiting<J>>, limits: &BatchConfig, cost: Cost) -> bool {
     waiting.len() >= limits.max_inputs
-        || cost.of_items::<J>(waiting.iter().map(|w| w.len)) >= limits.max_tokens
+        || cost.of_items(waiting.iter().map(|w| w.len)) >= limits.max_tokens
 }
 
 /// Runs the batcher until `jobs` closes, then flushes what is still waiting
