@@ -92,6 +92,14 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
+    // One installer at a time: without this, a caller that loses the race
+    // inside `metrics` could look for the winner's handle before the winner
+    // has stored it, and fail (seen in parallel worker tests).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let buckets = [
         (names::QUEUE_WAIT, LATENCY_BUCKETS),
         (names::END_TO_END, LATENCY_BUCKETS),
@@ -106,12 +114,10 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
             .set_buckets_for_metric(Matcher::Full(name.to_string()), values)
             .map_err(|e| InstallError(e.to_string()))?;
     }
-    // Two callers racing here: the loser's recorder is refused by `metrics`,
-    // so it takes the winner's handle instead.
-    let handle = match builder.install_recorder() {
-        Ok(handle) => HANDLE.get_or_init(|| handle).clone(),
-        Err(err) => return HANDLE.get().cloned().ok_or(InstallError(err.to_string())),
-    };
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| InstallError(e.to_string()))?;
+    let handle = HANDLE.get_or_init(|| handle).clone();
     describe();
     gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "cuda" => cfg!(feature = "cuda").to_string())
         .set(1.0);
