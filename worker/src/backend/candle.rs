@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use jetinfer_bert::Pooling;
 use jetinfer_schemas::ModelInfo;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -39,12 +40,6 @@ struct SentenceBertConfig {
 struct PoolingConfig {
     #[serde(default)]
     pooling_mode_cls_token: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pooling {
-    Mean,
-    Cls,
 }
 
 enum Encoder {
@@ -114,15 +109,19 @@ impl CandleBackend {
             Some(revision) => revision.clone(),
             None => file_revision(&weights)?,
         };
-        // SAFETY: the weights file is memory-mapped read-only and must not be
-        // modified while the worker runs, as with any mmapped model.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), DType::F32, &device)
-        }
-        .map_err(|e| load_err(&weights, e))?;
         let encoder =
             match (config.forward, config.device) {
                 (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda) => {
+                    // SAFETY: the weights file is memory-mapped read-only and must
+                    // not be modified while the worker runs, as with any mmapped model.
+                    let vb = unsafe {
+                        VarBuilder::from_mmaped_safetensors(
+                            std::slice::from_ref(&weights),
+                            DType::F32,
+                            &device,
+                        )
+                    }
+                    .map_err(|e| load_err(&weights, e))?;
                     Encoder::Candle(BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?)
                 }
                 (ForwardKind::Packed, DeviceKind::Cuda) => return Err(load_err(
@@ -157,13 +156,7 @@ impl CandleBackend {
     fn forward(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
         let forward_err = |e: &dyn std::fmt::Display| BackendError::Forward(e.to_string());
         match &self.encoder {
-            Encoder::Packed(bert) => {
-                let pooling = match self.pooling {
-                    Pooling::Mean => jetinfer_bert::Pooling::Mean,
-                    Pooling::Cls => jetinfer_bert::Pooling::Cls,
-                };
-                bert.embed(batch, pooling).map_err(|e| forward_err(&e))
-            }
+            Encoder::Packed(bert) => bert.embed(batch, self.pooling).map_err(|e| forward_err(&e)),
             Encoder::Candle(model) => self
                 .forward_padded(model, batch)
                 .map_err(|e| forward_err(&e)),
