@@ -5,7 +5,7 @@
 #   Kubernetes schemas + cross-file checks    deploy/k8s/ (scripts/lint_k8s.py)
 #   compose-spec schema                       docker-compose*.yml
 #   docker compose config -q                  when the compose plugin is installed
-#   nats-server -t                            deploy/nats/nats.conf, when .cache/bin/nats-server exists
+#   nats-server -t                            deploy/nats/*.conf, when .cache/bin/nats-server exists
 # The linters are installed once into .cache/lint-venv from the pinned, hashed
 # scripts/requirements/lint.txt; the venv is rebuilt only when that file
 # changes. Exits non-zero on the first failing check.
@@ -69,6 +69,29 @@ nats_server="$cache/bin/nats-server"
 if [ -x "$nats_server" ]; then
   step "nats-server -t deploy/nats/nats.conf"
   "$nats_server" -c deploy/nats/nats.conf -t
+  # The hardened configs take the users' public NKeys from the environment:
+  # throwaway example keys (public, valid encoding, nobody holds their seeds).
+  export JETINFER_WORKER_NKEY=UCK7FNXWOUMWS7KUIVLKD4W3JWPNVB55TKEQO7X4SM2EIULYCOSAOB74
+  export JETINFER_OPS_NKEY=UC4V36VDAYZGSLKAT5BZI6H7W66CDRA3UU5B75OGNPKVMOPCV3UKDKLN
+  export JETINFER_PRODUCER_ACME_NKEY=UBPTYVRFGZF4BZZQVLIZX6CPYOBMVWAED775UP33OJ26YPOK6UDTG6TX
+  export JETINFER_PRODUCER_GLOBEX_NKEY=UDBZWDVPLAWR7BVIZKSFQMJTTYHZUEZ3UKTXMDRZWC6O3JJB6CMS5YMW
+  step "nats-server -t deploy/nats/nats-secure.conf"
+  "$nats_server" -c deploy/nats/nats-secure.conf -t
+  # The TLS variant loads its certificates while checking: give it a
+  # throwaway self-signed pair in place of /etc/nats/tls/.
+  if command -v openssl >/dev/null; then
+    step "nats-server -t deploy/nats/nats-tls.conf (throwaway certificate)"
+    tls_tmp=$(mktemp -d)
+    trap 'rm -rf "$tls_tmp"' EXIT
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+      -subj /CN=lint -keyout "$tls_tmp/server-key.pem" -out "$tls_tmp/server.pem" 2>/dev/null
+    cp "$tls_tmp/server.pem" "$tls_tmp/ca.pem"
+    cp deploy/nats/*.conf "$tls_tmp/"
+    sed -i "s#/etc/nats/tls/#$tls_tmp/#g" "$tls_tmp/nats-tls.conf"
+    "$nats_server" -c "$tls_tmp/nats-tls.conf" -t
+  else
+    step "nats-server -t deploy/nats/nats-tls.conf: SKIPPED, no openssl to make a throwaway certificate"
+  fi
 else
   step "nats-server -t: SKIPPED, no $nats_server (scripts/setup.sh fetches it)"
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: fetches nats-server and the model
 # into .cache (once) and the monitoring tools (Debian packages, when missing),
-# then the Prometheus/Alertmanager checks, formatting, lints and every test. `.ci/run` calls
+# then the Prometheus/Alertmanager checks, the supply-chain check (cargo deny),
+# formatting, lints and every test. `.ci/run` calls
 # this; run it yourself the same way: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,6 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/deps/monitoring.sh
 bash scripts/deps/chromium.sh   # the loadgen HTML report is checked in headless Chromium
+bash scripts/deps/cargo-deny.sh # supply-chain check
 
 echo "== promtool, amtool" >&2
 promtool check config monitoring/prometheus/prometheus.yml
@@ -18,6 +20,9 @@ amtool check-config monitoring/alertmanager/alertmanager.yml
 
 echo "== deployment lint (workflows, compose, Kubernetes, NATS config)" >&2
 bash scripts/lint-deploy.sh
+
+echo "== supply chain (cargo deny: advisories, licences, bans, sources)" >&2
+bash scripts/deny.sh
 
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check

@@ -36,14 +36,13 @@ enum Command {
 
 #[derive(Args)]
 struct TargetArgs {
-    /// NATS server URL (repeat or comma-separate for a cluster).
-    #[arg(
-        long = "nats-url",
-        env = "JETINFER_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        value_delimiter = ','
-    )]
+    /// NATS server URL (repeat or comma-separate for a cluster) [default: nats://127.0.0.1:4222].
+    #[arg(long = "nats-url", env = "JETINFER_NATS_URL", value_delimiter = ',')]
     nats_urls: Vec<String>,
+    /// TOML file whose `[nats]` table sets the connection: credentials,
+    /// TLS, inbox prefix; `JETINFER_NATS__*` variables override it.
+    #[arg(long, env = "JETINFER_NATS_CONFIG")]
+    nats_config: Option<PathBuf>,
     /// Model name the jobs address (the worker's `model.name`).
     #[arg(long, default_value = "minilm")]
     model: String,
@@ -120,12 +119,21 @@ fn parse_mode(text: &str) -> Result<Mode, String> {
     }
 }
 
-fn nats(urls: Vec<String>) -> NatsConfig {
-    NatsConfig {
-        urls,
-        name: "jetinfer-loadgen".into(),
-        ..NatsConfig::default()
+/// Connection settings: the `[nats]` table of `--nats-config`, then
+/// `JETINFER_NATS__*` variables, then `--nats-url`.
+fn nats(target: &TargetArgs) -> anyhow::Result<NatsConfig> {
+    let mut config = NatsConfig::load(
+        NatsConfig {
+            name: "jetinfer-loadgen".into(),
+            ..NatsConfig::default()
+        },
+        target.nats_config.as_deref(),
+    )
+    .context("loading the NATS connection settings")?;
+    if !target.nats_urls.is_empty() {
+        config.urls = target.nats_urls.clone();
     }
+    Ok(config)
 }
 
 fn plan(args: RunArgs) -> anyhow::Result<Plan> {
@@ -162,7 +170,7 @@ fn plan(args: RunArgs) -> anyhow::Result<Plan> {
     Ok(Plan {
         scenario,
         target: Target {
-            nats: nats(args.target.nats_urls),
+            nats: nats(&args.target)?,
             model: args.target.model,
             tenant: args.tenant,
         },
@@ -193,8 +201,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::RawResponder(target) => {
-            let _responder =
-                raw::RawResponder::start(&nats(target.nats_urls), &target.model).await?;
+            let _responder = raw::RawResponder::start(&nats(&target)?, &target.model).await?;
             eprintln!(
                 "raw responder answering jobs for model {}; Ctrl-C stops it",
                 target.model

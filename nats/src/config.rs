@@ -1,7 +1,7 @@
 //! Typed configuration for connections, the jobs stream and consumers. Each
 //! default is a named constant next to the field it fills.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,9 @@ pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long start-up keeps retrying a server that is not up yet.
 pub const DEFAULT_STARTUP_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Prefix of reply inboxes when none is configured: async-nats' own.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 
 /// How to reach NATS.
 #[derive(Clone, Serialize, Deserialize)]
@@ -24,6 +27,12 @@ pub struct NatsConfig {
     #[serde(with = "humantime_secs")]
     pub startup_retry_for: Duration,
     pub auth: Auth,
+    pub tls: TlsConfig,
+    /// Prefix of this client's reply subjects (JetStream API replies, PubAcks,
+    /// pulled jobs). A server that confines its users gives each role its own
+    /// (`_INBOX_<role>`, see `deploy/nats/accounts.conf`), so no user can
+    /// subscribe to another's replies.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -34,7 +43,27 @@ impl Default for NatsConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             startup_retry_for: DEFAULT_STARTUP_RETRY_FOR,
             auth: Auth::None,
+            tls: TlsConfig::default(),
+            inbox_prefix: DEFAULT_INBOX_PREFIX.to_string(),
         }
+    }
+}
+
+impl NatsConfig {
+    /// `base`, then the `[nats]` table of the TOML `file` (if given; a
+    /// worker's config file will do), then `JETINFER_NATS__*` environment
+    /// variables: the same keys, in the same order, as the worker reads. For
+    /// the producer CLI and loadgen, which have no config struct of their own.
+    pub fn load(base: NatsConfig, file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        use figment::providers::{Env, Format, Serialized, Toml};
+        let mut figment = figment::Figment::from(Serialized::default("nats", base));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("JETINFER_").split("__"))
+            .extract_inner("nats")
+            .map_err(Box::new)
     }
 }
 
@@ -46,31 +75,105 @@ impl std::fmt::Debug for NatsConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("startup_retry_for", &self.startup_retry_for)
             .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
 
-/// Credentials. Secrets are read from files so they never sit in a config dump;
-/// `Debug` shows only which kind is configured.
+/// How the client proves who it is. Secrets are never config values: each
+/// kind names a file that holds the secret (mount it from a secret store, or
+/// point a `JETINFER_NATS__AUTH__*_FILE` variable at it), read only when
+/// connecting. So neither the config dump nor `Debug` can show one.
+///
+/// ```toml
+/// [nats.auth]
+/// kind = "nkey"                          # none | token | user_password | nkey | creds
+/// seed_file = "/run/secrets/nats-seed"
+/// ```
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Auth {
     #[default]
     None,
-    /// A `.creds` file (user JWT and NKey seed).
-    CredsFile { path: PathBuf },
-    /// A file holding a bearer token.
-    TokenFile { path: PathBuf },
+    /// A file holding a token (server `authorization { token }`).
+    Token { token_file: PathBuf },
+    /// A user name and a file holding its password.
+    UserPassword {
+        user: String,
+        password_file: PathBuf,
+    },
+    /// A file holding a user NKey seed (`SU...`); the server knows only the
+    /// public key.
+    Nkey { seed_file: PathBuf },
+    /// A `.creds` file (decentralised JWT auth): the user JWT and its NKey seed.
+    Creds { creds_file: PathBuf },
+}
+
+impl Auth {
+    /// The kind as written in config, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Token { .. } => "token",
+            Self::UserPassword { .. } => "user_password",
+            Self::Nkey { .. } => "nkey",
+            Self::Creds { .. } => "creds",
+        }
+    }
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Paths and the user name only; the secrets are not in memory here anyway.
         match self {
             Self::None => f.write_str("None"),
-            Self::CredsFile { path } => write!(f, "CredsFile({})", path.display()),
-            Self::TokenFile { path } => write!(f, "TokenFile({}, token redacted)", path.display()),
+            Self::Token { token_file } => {
+                write!(f, "Token(file {}, redacted)", token_file.display())
+            }
+            Self::UserPassword {
+                user,
+                password_file,
+            } => write!(
+                f,
+                "UserPassword(user {user:?}, password file {}, redacted)",
+                password_file.display()
+            ),
+            Self::Nkey { seed_file } => {
+                write!(f, "Nkey(seed file {}, redacted)", seed_file.display())
+            }
+            Self::Creds { creds_file } => {
+                write!(f, "Creds(file {}, redacted)", creds_file.display())
+            }
         }
     }
+}
+
+/// TLS towards the server. A server with a `tls` block gets TLS whatever is
+/// set here (it asks for it); these settings say whom to trust and who we are.
+///
+/// ```toml
+/// [nats.tls]
+/// required = true                         # never talk to a server in plain text
+/// ca_file = "/etc/jetinfer/nats-ca.pem"   # trust this CA instead of the system's
+/// cert_file = "/etc/jetinfer/client.pem"  # mutual TLS: this client's certificate
+/// key_file = "/run/secrets/client-key.pem"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Refuse to connect unless the connection is encrypted, even to a server
+    /// that does not ask for TLS (or a `nats://` URL).
+    pub required: bool,
+    /// PEM file of the CA certificates that sign the server's certificate;
+    /// without it the system's roots are trusted.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`. A secret: only its path is configured.
+    pub key_file: Option<PathBuf>,
+    /// Start TLS before the server's greeting (server `handshake_first`).
+    pub handshake_first: bool,
 }
 
 pub const DEFAULT_STREAM_NAME: &str = "JETINFER_JOBS";

@@ -2,7 +2,7 @@
 //! consumer setting, or how to connect lives here and nowhere else.
 //!
 //! - [`subjects`]: the subject scheme (`jobs.<model>.<tenant>`, `results.<tenant>.…`).
-//! - [`connect()`]: a client from [`NatsConfig`], retried with back-off at start-up.
+//! - [`connect()`]: a client from [`NatsConfig`] (auth, TLS), retried with back-off at start-up.
 //! - [`provision`]: idempotent creation of the jobs stream and per-model consumers.
 //! - [`publish`]: publishing a job with `Nats-Msg-Id` and awaiting its PubAck.
 //! - [`results`]: the durable results stream, publishing into it, catching up.
@@ -20,7 +20,7 @@ pub mod subjects;
 pub mod testing;
 
 pub use async_nats;
-pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings};
+pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings, TlsConfig};
 pub use connect::{connect, connect_with_events, ConnectError};
 pub use provision::{provision_consumer, provision_stream, ProvisionError};
 pub use publish::{publish_job, publish_job_traced, PublishJobError};

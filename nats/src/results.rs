@@ -95,8 +95,19 @@ pub async fn since(
         .get_stream(RESULTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
+    // Named, so the create request's subject carries the filter
+    // (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<inbox>`): a server that
+    // confines producers to `results.<tenant>.>` can then refuse a consumer
+    // on another tenant's results. The name is the unguessable tail of a
+    // fresh inbox.
+    let inbox_id = js.client().new_inbox();
+    let name = format!(
+        "catch-up-{}",
+        inbox_id.rsplit('.').next().unwrap_or_default()
+    );
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
+            name: Some(name),
             filter_subject: inbox.to_string(),
             deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: since },
             ack_policy: consumer::AckPolicy::None,

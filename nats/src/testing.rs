@@ -4,6 +4,7 @@
 //! The binary is `$JETINFER_NATS_SERVER`, or `.cache/bin/nats-server` at the
 //! workspace root as installed by `scripts/setup.sh`.
 
+use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,11 @@ pub struct NatsServer {
     child: Child,
     port: u16,
     store: tempfile::TempDir,
+    /// Arguments after the port and store ones, kept for restarts.
+    extra: Vec<OsString>,
+    /// Environment variables the server was started with (a config file may
+    /// refer to them as `$NAME`), kept for restarts.
+    env: Vec<(OsString, OsString)>,
 }
 
 /// Path of the nats-server binary tests use.
@@ -56,10 +62,39 @@ impl NatsServer {
 
     /// Starts a server with extra command-line arguments (e.g. `-c config`).
     pub fn start_with_args(extra: &[&str]) -> Self {
+        Self::launch(extra.iter().map(OsString::from).collect(), Vec::new())
+    }
+
+    /// Starts a server from the config file `config` (e.g. a shipped one in
+    /// `deploy/nats/`), with `env` set for the `$NAME` variables it refers
+    /// to. The command line overrides the file's listen address (a free
+    /// loopback port), store directory (a temporary one) and monitoring port
+    /// (another free one), so tests can run side by side.
+    pub fn start_with_config(config: &Path, env: &[(&str, &str)]) -> Self {
+        let extra = vec![
+            OsString::from("-c"),
+            config.as_os_str().to_owned(),
+            OsString::from("-m"),
+            OsString::from(free_port().to_string()),
+        ];
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        Self::launch(extra, env)
+    }
+
+    fn launch(extra: Vec<OsString>, env: Vec<(OsString, OsString)>) -> Self {
         let store = tempfile::tempdir().expect("temp store dir");
         let port = free_port();
-        let child = spawn(port, store.path(), extra);
-        let server = Self { child, port, store };
+        let child = spawn(port, store.path(), &extra, &env);
+        let mut server = Self {
+            child,
+            port,
+            store,
+            extra,
+            env,
+        };
         server.wait_ready();
         server
     }
@@ -76,12 +111,17 @@ impl NatsServer {
         self.store.path()
     }
 
+    /// What the server has logged so far (its standard error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(self.store.path())).unwrap_or_default()
+    }
+
     /// Stops the server hard (SIGKILL) and starts it again on the same port
     /// and store, as after a crash.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(self.port, self.store.path(), &[]);
+        self.child = spawn(self.port, self.store.path(), &self.extra, &self.env);
         self.wait_ready();
     }
 
@@ -92,30 +132,47 @@ impl NatsServer {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
-        self.child = spawn(self.port, self.store.path(), &[]);
+        self.child = spawn(self.port, self.store.path(), &self.extra, &self.env);
         self.wait_ready();
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "nats-server exited ({status}) before accepting connections:\n{}",
+                    self.log()
+                );
+            }
             assert!(
                 started.elapsed() < START_TIMEOUT,
-                "nats-server did not accept connections on port {} within {START_TIMEOUT:?}",
-                self.port
+                "nats-server did not accept connections on port {} within {START_TIMEOUT:?}:\n{}",
+                self.port,
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-fn spawn(port: u16, store: &Path, extra: &[&str]) -> Child {
+fn log_path(store: &Path) -> PathBuf {
+    store.join("nats-server.log")
+}
+
+fn spawn(port: u16, store: &Path, extra: &[OsString], env: &[(OsString, OsString)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(store))
+        .expect("opening the nats-server log");
     Command::new(server_binary())
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store)
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawning nats-server")
 }
@@ -221,5 +278,73 @@ impl Drop for NatsCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A throwaway certificate authority with a server certificate for
+/// 127.0.0.1/localhost and a client certificate, written as PEM files into a
+/// temporary directory: for TLS and mutual-TLS tests against a real server.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    /// A new CA and its two leaf certificates, valid from now on.
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().expect("pki dir");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("writing a test certificate");
+            path
+        };
+
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.distinguished_name
+            .push(DnType::CommonName, "jetinfer test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
+            .expect("self-signing the CA");
+
+        let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(names).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &ca).expect("signing a leaf");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "nats-server",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(
+            vec!["jetinfer-worker".into()],
+            "jetinfer-worker",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Self {
+            ca_cert: write("ca.pem", ca.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server-key.pem", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client-key.pem", client_key),
+            dir,
+        }
+    }
+
+    /// The directory holding the PEM files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 }

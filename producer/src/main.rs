@@ -19,14 +19,15 @@ use serde_json::json;
     about = "Submit embedding jobs to jetinfer and print the results"
 )]
 struct Cli {
-    /// NATS server URL (repeat for a cluster).
-    #[arg(
-        long = "nats-url",
-        env = "JETINFER_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        value_delimiter = ','
-    )]
+    /// NATS server URL (repeat for a cluster) [default: nats://127.0.0.1:4222].
+    #[arg(long = "nats-url", env = "JETINFER_NATS_URL", value_delimiter = ',')]
     nats_urls: Vec<String>,
+    /// TOML file whose `[nats]` table sets the connection: credentials,
+    /// TLS, inbox prefix (a worker's config file has the same table).
+    /// `JETINFER_NATS__*` variables override it, e.g.
+    /// `JETINFER_NATS__AUTH__KIND=nkey JETINFER_NATS__AUTH__SEED_FILE=/run/secrets/seed`.
+    #[arg(long, env = "JETINFER_NATS_CONFIG")]
+    nats_config: Option<std::path::PathBuf>,
     /// Tenant the jobs are submitted for.
     #[arg(long, env = "JETINFER_TENANT", default_value = "default")]
     tenant: String,
@@ -95,12 +96,19 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let config = ClientConfig {
-        nats: NatsConfig {
-            urls: cli.nats_urls,
+    let mut nats = NatsConfig::load(
+        NatsConfig {
             name: "jetinfer-cli".into(),
             ..NatsConfig::default()
         },
+        cli.nats_config.as_deref(),
+    )
+    .context("loading the NATS connection settings")?;
+    if !cli.nats_urls.is_empty() {
+        nats.urls = cli.nats_urls;
+    }
+    let config = ClientConfig {
+        nats,
         tenant: cli.tenant,
         timeout: Duration::from_secs_f64(cli.timeout),
         ..ClientConfig::default()

@@ -1,0 +1,682 @@
+//! The shipped NATS permission configs (`deploy/nats/nats-secure.conf`,
+//! `nats-tls.conf`, both with `accounts.conf`) on a real nats-server, loaded
+//! as shipped: only the users' public NKeys (from the environment, as in
+//! production), the port and the store directory come from the test.
+//!
+//! Each refusal is observed, not assumed: the server reports a permissions
+//! violation naming the subject to the offending connection, and the state
+//! (stream contents, deliveries) shows nothing happened. And a real worker
+//! and producer complete jobs under the same config with no violation at
+//! all, so the permissions are not too tight either.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use jetinfer_nats::testing::{workspace_root, NatsServer, TestPki};
+use jetinfer_nats::{
+    dead_letter, results, Auth, ConnectError, ConsumerSettings, NatsConfig, StreamSettings, Tenant,
+    TlsConfig,
+};
+use jetinfer_producer::{Client, ClientConfig};
+use jetinfer_schemas::{decode_result, encode_result, ErrorCode, Job, JobResult};
+use jetinfer_worker::backend::echo::EchoBackend;
+use jetinfer_worker::config::{BackendKind, BatchConfig};
+
+use common::*;
+
+/// The roles of `accounts.conf`: user name in tests, the environment
+/// variable its public key comes from, and its inbox prefix.
+const ROLES: [(&str, &str, &str); 4] = [
+    ("worker", "JETINFER_WORKER_NKEY", "_INBOX_worker"),
+    ("ops", "JETINFER_OPS_NKEY", "_INBOX_ops"),
+    ("acme", "JETINFER_PRODUCER_ACME_NKEY", "_INBOX_acme"),
+    ("globex", "JETINFER_PRODUCER_GLOBEX_NKEY", "_INBOX_globex"),
+];
+
+/// A server running a shipped config, and each role's seed file.
+struct Secured {
+    server: NatsServer,
+    seeds: tempfile::TempDir,
+    tls: Option<TlsConfig>,
+}
+
+impl Secured {
+    /// `deploy/nats/nats-secure.conf` as shipped.
+    fn start() -> Self {
+        let config = workspace_root().join("deploy/nats/nats-secure.conf");
+        Self::start_with(&config, None)
+    }
+
+    /// `deploy/nats/nats-tls.conf`, its certificate paths pointed at `pki`
+    /// (the config files are copied, with only those paths changed).
+    fn start_tls(pki: &TestPki, dir: &Path) -> Self {
+        for entry in std::fs::read_dir(workspace_root().join("deploy/nats")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "conf") {
+                let text = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .replace("/etc/nats/tls/", &format!("{}/", pki.dir().display()));
+                std::fs::write(dir.join(path.file_name().unwrap()), text).unwrap();
+            }
+        }
+        let tls = TlsConfig {
+            required: true,
+            ca_file: Some(pki.ca_cert.clone()),
+            cert_file: Some(pki.client_cert.clone()),
+            key_file: Some(pki.client_key.clone()),
+            handshake_first: false,
+        };
+        Self::start_with(&dir.join("nats-tls.conf"), Some(tls))
+    }
+
+    fn start_with(config: &Path, tls: Option<TlsConfig>) -> Self {
+        let seeds = tempfile::tempdir().unwrap();
+        let mut env = Vec::new();
+        for (role, var, _) in ROLES {
+            let key = nkeys::KeyPair::new_user();
+            std::fs::write(seed_path(seeds.path(), role), key.seed().unwrap()).unwrap();
+            env.push((var, key.public_key()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Self {
+            server: NatsServer::start_with_config(config, &env),
+            seeds,
+            tls,
+        }
+    }
+
+    /// How `role` connects: its NKey seed file and its own inbox prefix.
+    fn nats(&self, role: &str) -> NatsConfig {
+        let (_, _, inbox) = ROLES.iter().find(|r| r.0 == role).expect("known role");
+        NatsConfig {
+            urls: vec![self.server.url()],
+            name: format!("test-{role}"),
+            startup_retry_for: Duration::from_secs(5),
+            auth: Auth::Nkey {
+                seed_file: seed_path(self.seeds.path(), role),
+            },
+            tls: self.tls.clone().unwrap_or_default(),
+            inbox_prefix: inbox.to_string(),
+            ..NatsConfig::default()
+        }
+    }
+
+    async fn connect(&self, role: &str) -> Observed {
+        Observed::connect(&self.nats(role)).await
+    }
+
+    /// Every permissions violation the server logged.
+    fn violations(&self) -> Vec<String> {
+        self.server
+            .log()
+            .lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn seed_path(dir: &Path, role: &str) -> PathBuf {
+    dir.join(format!("{role}.nk"))
+}
+
+/// A connection that records the errors the server sends it.
+struct Observed {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Observed {
+    async fn connect(config: &NatsConfig) -> Self {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&errors);
+        let client = jetinfer_nats::connect_with_events(config, move |event| {
+            if let async_nats::Event::ServerError(err) = event {
+                sink.lock().unwrap().push(err.to_string());
+            }
+        })
+        .await
+        .expect("role connects");
+        let mut js = jetstream::new(client.clone());
+        // A refused API request gets no answer: do not wait the default 5 s.
+        js.set_timeout(Duration::from_secs(2));
+        Self { client, js, errors }
+    }
+
+    /// Waits for the server to report a permissions violation on `subject`
+    /// to this connection, and returns its text.
+    async fn violation(&self, subject: &str) -> String {
+        let wanted = format!("\"{subject}\"");
+        for _ in 0..100 {
+            if let Some(found) = self
+                .errors
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e.contains("Permissions Violation") && e.contains(&wanted))
+            {
+                return found.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "no permissions violation for {subject}; the server said: {:?}",
+            self.errors.lock().unwrap()
+        );
+    }
+}
+
+/// Streams and the minilm consumer, provisioned the way a worker does it,
+/// as the worker role.
+async fn provision(worker: &Observed) {
+    let stream = jetinfer_nats::provision_stream(&worker.js, &StreamSettings::default())
+        .await
+        .expect("worker provisions the jobs stream");
+    jetinfer_nats::provision_consumer(&stream, "minilm", &ConsumerSettings::default())
+        .await
+        .expect("worker provisions its consumer");
+    results::provision(&worker.js, Duration::from_secs(3600), 1)
+        .await
+        .expect("worker provisions the results stream");
+    dead_letter::provision(&worker.js, 1)
+        .await
+        .expect("worker provisions the dead-letter stream");
+}
+
+async fn jobs_stored(ops: &Observed) -> u64 {
+    let mut stream = ops.js.get_stream("JETINFER_JOBS").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// No message arrives on `sub` within a second.
+async fn nothing_arrives(sub: &mut async_nats::Subscriber) {
+    let got = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+    assert!(
+        !matches!(got, Ok(Some(_))),
+        "a message was delivered: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_and_producer_complete_jobs_under_the_shipped_permissions() {
+    let secured = Secured::start();
+    let mut config = worker_config(&secured.server, BackendKind::Echo, BatchConfig::default());
+    config.nats = secured.nats("worker");
+    // Queue-depth reads run often, so a refused one would show below.
+    config.monitoring.queue_poll = Duration::from_millis(100);
+    let worker = start_worker(config, Arc::new(EchoBackend::new(256, Duration::ZERO))).await;
+
+    let since = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    let client = Client::connect(ClientConfig {
+        nats: secured.nats("acme"),
+        tenant: "acme".into(),
+        timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    })
+    .await
+    .expect("acme's producer connects");
+    for text in ["first", "second"] {
+        let result = client
+            .submit(Job::new("minilm", vec![text.into()]))
+            .await
+            .expect("job answered");
+        let embeddings = result.into_result().expect("embeddings, not an error");
+        assert_eq!(embeddings.embeddings.len(), 1);
+    }
+
+    // The producer's catch-up path (after a reconnect) reads its results
+    // back from JETINFER_RESULTS.
+    let acme = secured.connect("acme").await;
+    let stored = results::since(&acme.js, client.inbox(), since)
+        .await
+        .expect("acme reads its own stored results");
+    assert_eq!(stored.len(), 2, "both results stored for catching up");
+
+    // A bad job: typed error reply, dead letter, which the ops role can list.
+    let mut replies = acme.client.subscribe("results.acme.raw").await.unwrap();
+    publish_raw(
+        &acme.js,
+        "jobs.minilm.acme",
+        Some("results.acme.raw"),
+        "garbage-1",
+        b"\x00\xffnot msgpack".to_vec(),
+    )
+    .await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("error reply arrives")
+        .unwrap();
+    let reply: JobResult = decode_result(&reply.payload).unwrap();
+    assert_eq!(
+        reply.into_result().unwrap_err().code,
+        ErrorCode::InvalidInput
+    );
+    let ops = secured.connect("ops").await;
+    let letters = dead_letter::list(&ops.js, 10)
+        .await
+        .expect("ops lists dead letters");
+    assert!(
+        letters.iter().any(|l| l.job_id == "garbage-1"),
+        "dead letter stored"
+    );
+
+    // Ops reads the queue: everything settled. And finds the worker through
+    // the NATS Services API, which the worker answers.
+    let mut stream = ops.js.get_stream("JETINFER_JOBS").await.unwrap();
+    let consumer_info = stream.consumer_info("worker-minilm").await.unwrap();
+    assert_eq!(
+        (consumer_info.num_pending, consumer_info.num_ack_pending),
+        (0, 0)
+    );
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    let pong = ops
+        .client
+        .request("$SRV.PING.jetinfer-worker", "".into())
+        .await
+        .expect("the worker answers a Services API ping");
+    assert!(String::from_utf8_lossy(&pong.payload).contains("jetinfer-worker"));
+
+    worker.shutdown().await;
+    let violations = secured.violations();
+    assert!(
+        violations.is_empty(),
+        "the shipped permissions refused something jetinfer needs: {violations:#?}"
+    );
+    for role in [&acme, &ops] {
+        assert!(role.errors.lock().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn unauthenticated_and_unknown_clients_are_refused() {
+    let secured = Secured::start();
+    let anonymous = NatsConfig {
+        auth: Auth::None,
+        ..secured.nats("acme")
+    };
+    let err = jetinfer_nats::connect(&anonymous)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
+
+    // A well-formed NKey the server does not know.
+    let stranger = nkeys::KeyPair::new_user();
+    std::fs::write(
+        seed_path(secured.seeds.path(), "stranger"),
+        stranger.seed().unwrap(),
+    )
+    .unwrap();
+    let unknown = NatsConfig {
+        auth: Auth::Nkey {
+            seed_file: seed_path(secured.seeds.path(), "stranger"),
+        },
+        ..secured.nats("acme")
+    };
+    let err = jetinfer_nats::connect(&unknown)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_producer_cannot_consume_jobs_or_submit_for_another_tenant() {
+    let secured = Secured::start();
+    let worker = secured.connect("worker").await;
+    provision(&worker).await;
+    let ops = secured.connect("ops").await;
+    let acme = secured.connect("acme").await;
+
+    // Its own tenant's job is stored (and stays queued: no worker runs).
+    jetinfer_nats::publish_job(
+        &acme.js,
+        &Tenant::new("acme").unwrap(),
+        &Job::new("minilm", vec!["mine".into()]),
+        "results.acme.c1",
+    )
+    .await
+    .expect("acme submits for acme");
+    assert_eq!(jobs_stored(&ops).await, 1);
+
+    // Another tenant's subject: refused, nothing stored.
+    let refused = jetinfer_nats::publish_job(
+        &acme.js,
+        &Tenant::new("globex").unwrap(),
+        &Job::new("minilm", vec!["not mine".into()]),
+        "results.acme.c1",
+    )
+    .await;
+    assert!(refused.is_err(), "published as globex");
+    acme.violation("jobs.minilm.globex").await;
+
+    // Reading jobs: a live subscription, a consumer of its own, or pulls
+    // from the workers' consumer. All refused.
+    let mut sneaky = acme.client.subscribe("jobs.>").await.unwrap();
+    acme.violation("jobs.>").await;
+    let stream = acme.js.get_stream("JETINFER_JOBS").await.unwrap();
+    let own_consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("sneaky".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(own_consumer.is_err(), "acme created a consumer on the jobs");
+    acme.violation("$JS.API.CONSUMER.CREATE.JETINFER_JOBS.sneaky")
+        .await;
+    let pull = "$JS.API.CONSUMER.MSG.NEXT.JETINFER_JOBS.worker-minilm";
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(2),
+        acme.client
+            .request(pull, r#"{"batch":1,"no_wait":true}"#.into()),
+    )
+    .await;
+    assert!(
+        !matches!(pulled, Ok(Ok(_))),
+        "acme pulled a job: {pulled:?}"
+    );
+    acme.violation(pull).await;
+    nothing_arrives(&mut sneaky).await;
+
+    // The job is still there, undelivered, for a worker.
+    let info = stream.consumer_info("worker-minilm").await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (1, 0));
+    assert_eq!(jobs_stored(&ops).await, 1);
+    // And the violations were the server's doing, logged there too.
+    assert!(secured
+        .violations()
+        .iter()
+        .any(|v| v.contains("jobs.minilm.globex")));
+}
+
+#[tokio::test]
+async fn a_producer_cannot_read_another_tenants_results() {
+    let secured = Secured::start();
+    let worker = secured.connect("worker").await;
+    provision(&worker).await;
+    let acme = secured.connect("acme").await;
+    let globex = secured.connect("globex").await;
+    let mut acme_sees = acme.client.subscribe("results.acme.>").await.unwrap();
+
+    let mut globex_wildcard = globex.client.subscribe("results.>").await.unwrap();
+    globex.violation("results.>").await;
+    let mut globex_targeted = globex.client.subscribe("results.acme.>").await.unwrap();
+    globex.violation("results.acme.>").await;
+
+    // A worker stores a result for acme.
+    let result = JobResult::error(
+        "j1".into(),
+        jetinfer_schemas::JobError::new(ErrorCode::Internal, "x"),
+    );
+    results::publish(
+        &worker.client,
+        &worker.js,
+        "results.acme.c1",
+        encode_result(&result).into(),
+    )
+    .await
+    .expect("worker stores acme's result");
+    let delivered = tokio::time::timeout(Duration::from_secs(5), acme_sees.next())
+        .await
+        .expect("acme receives its result")
+        .unwrap();
+    assert_eq!(delivered.subject.as_str(), "results.acme.c1");
+    nothing_arrives(&mut globex_wildcard).await;
+    nothing_arrives(&mut globex_targeted).await;
+
+    // Nor from the results stream: catching up on acme's inbox is refused...
+    let epoch = time::OffsetDateTime::UNIX_EPOCH;
+    assert!(
+        results::since(&globex.js, "results.acme.c1", epoch)
+            .await
+            .is_err(),
+        "globex read acme's stored results"
+    );
+    let violation = globex.errors.lock().unwrap().iter().any(|e| {
+        e.contains("$JS.API.CONSUMER.CREATE.JETINFER_RESULTS.") && e.contains("results.acme.c1")
+    });
+    assert!(violation, "{:?}", globex.errors.lock().unwrap());
+    // ...and so is a consumer whose subject claims globex's results while
+    // its body asks for acme's: the server checks the two agree.
+    let request = serde_json::json!({
+        "stream_name": "JETINFER_RESULTS",
+        "config": {"name": "disguised", "filter_subject": "results.acme.c1",
+                   "ack_policy": "none", "deliver_policy": "all"},
+    });
+    let answer = globex
+        .client
+        .request(
+            "$JS.API.CONSUMER.CREATE.JETINFER_RESULTS.disguised.results.globex.c1",
+            serde_json::to_vec(&request).unwrap().into(),
+        )
+        .await
+        .expect("the API answers");
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert!(answer.get("error").is_some(), "consumer created: {answer}");
+    // acme itself reads it back fine.
+    let own = results::since(&acme.js, "results.acme.c1", epoch)
+        .await
+        .unwrap();
+    assert_eq!(own.len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_cannot_publish_jobs_or_use_the_jetstream_api_beyond_its_needs() {
+    let secured = Secured::start();
+    let worker = secured.connect("worker").await;
+    provision(&worker).await;
+    let ops = secured.connect("ops").await;
+
+    // Enqueue work (e.g. a result's reply subject pointed at jobs.>).
+    worker
+        .client
+        .publish("jobs.minilm.acme", "injected".into())
+        .await
+        .unwrap();
+    worker.client.flush().await.unwrap();
+    worker.violation("jobs.minilm.acme").await;
+    assert_eq!(jobs_stored(&ops).await, 0);
+
+    // Destroy or bypass the queue through the JetStream API.
+    assert!(worker.js.delete_stream("JETINFER_JOBS").await.is_err());
+    worker
+        .violation("$JS.API.STREAM.DELETE.JETINFER_JOBS")
+        .await;
+    for (subject, body) in [
+        ("$JS.API.STREAM.PURGE.JETINFER_JOBS", "{}"),
+        ("$JS.API.STREAM.PURGE.JETINFER_RESULTS", "{}"),
+        ("$JS.API.CONSUMER.DELETE.JETINFER_JOBS.worker-minilm", ""),
+        (
+            "$JS.API.STREAM.CREATE.SHADOW",
+            r#"{"name":"SHADOW","subjects":["shadow.>"]}"#,
+        ),
+    ] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            worker.client.request(subject, body.into()),
+        )
+        .await;
+        assert!(
+            !matches!(answer, Ok(Ok(_))),
+            "{subject} answered: {answer:?}"
+        );
+        worker.violation(subject).await;
+    }
+    // Read tenants' results or others' replies.
+    let _results = worker.client.subscribe("results.>").await.unwrap();
+    worker.violation("results.>").await;
+    let _inboxes = worker.client.subscribe("_INBOX.>").await.unwrap();
+    worker.violation("_INBOX.>").await;
+
+    // All still there.
+    let stream = ops
+        .js
+        .get_stream("JETINFER_JOBS")
+        .await
+        .expect("jobs stream kept");
+    assert!(
+        stream.consumer_info("worker-minilm").await.is_ok(),
+        "consumer kept"
+    );
+    let names: Vec<String> = ops
+        .js
+        .stream_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!names.contains(&"SHADOW".to_string()), "{names:?}");
+}
+
+#[tokio::test]
+async fn ops_reads_queue_state_and_changes_nothing() {
+    let secured = Secured::start();
+    let worker = secured.connect("worker").await;
+    provision(&worker).await;
+    let ops = secured.connect("ops").await;
+
+    let stream = ops
+        .js
+        .get_stream("JETINFER_JOBS")
+        .await
+        .expect("stream info");
+    let info = stream
+        .consumer_info("worker-minilm")
+        .await
+        .expect("consumer info");
+    assert_eq!(info.num_pending, 0);
+
+    assert!(jetinfer_nats::publish_job(
+        &ops.js,
+        &Tenant::new("acme").unwrap(),
+        &Job::new("minilm", vec!["x".into()]),
+        "results.acme.c1",
+    )
+    .await
+    .is_err());
+    ops.violation("jobs.minilm.acme").await;
+    assert!(ops.js.delete_stream("JETINFER_DLQ").await.is_err());
+    ops.violation("$JS.API.STREAM.DELETE.JETINFER_DLQ").await;
+    assert!(ops.js.get_stream("JETINFER_DLQ").await.is_ok());
+}
+
+/// Speaks plain-text NATS: what the server sent before it hung up.
+fn plain_text_session(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let n = socket.read(&mut buf).unwrap();
+    received.extend_from_slice(&buf[..n]);
+    let _ = socket.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n");
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_variant_serves_mutual_tls_clients_and_refuses_the_rest() {
+    let pki = TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let secured = Secured::start_tls(&pki, dir.path());
+
+    // Certificate and NKey: a worker provisions and a producer submits.
+    let worker = secured.connect("worker").await;
+    provision(&worker).await;
+    let acme = secured.connect("acme").await;
+    jetinfer_nats::publish_job(
+        &acme.js,
+        &Tenant::new("acme").unwrap(),
+        &Job::new("minilm", vec!["over tls".into()]),
+        "results.acme.c1",
+    )
+    .await
+    .expect("acme submits over mutual TLS");
+
+    // Plain text: no service.
+    let port = secured.server.port();
+    let session = tokio::task::spawn_blocking(move || plain_text_session(port))
+        .await
+        .unwrap();
+    assert!(!session.contains("PONG"), "plain text answered: {session}");
+
+    // The right NKey without a client certificate: refused.
+    let no_cert = NatsConfig {
+        tls: TlsConfig {
+            cert_file: None,
+            key_file: None,
+            ..secured.tls.clone().unwrap()
+        },
+        startup_retry_for: Duration::from_secs(2),
+        ..secured.nats("acme")
+    };
+    assert!(jetinfer_nats::connect(&no_cert).await.is_err());
+}
+
+/// `jetinfer-worker` configured through `JETINFER_NATS__*` variables.
+fn worker_binary(dir: &Path, token: &str) -> std::process::Command {
+    let token_file = dir.join("nats-token");
+    std::fs::write(&token_file, token).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jetinfer-worker"));
+    cmd.env("JETINFER_NATS__AUTH__KIND", "token")
+        .env("JETINFER_NATS__AUTH__TOKEN_FILE", &token_file)
+        .env("JETINFER_NATS__TLS__KEY_FILE", dir.join("client-key.pem"))
+        .env("JETINFER_NATS__TLS__CERT_FILE", dir.join("client.pem"))
+        .env("JETINFER_MODEL__BACKEND", "echo")
+        .env("JETINFER_HTTP__ADDR", "127.0.0.1:0")
+        .env("JETINFER_NATS__STARTUP_RETRY_FOR", "2");
+    cmd
+}
+
+#[test]
+fn the_config_dump_shows_where_secrets_are_never_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = worker_binary(dir.path(), "dump-secret-91d2")
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dump = String::from_utf8(out.stdout).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(config["nats"]["auth"]["kind"], "token");
+    assert!(
+        dump.contains("nats-token") && dump.contains("client-key.pem"),
+        "{dump}"
+    );
+    assert!(!dump.contains("dump-secret-91d2"), "{dump}");
+}
+
+#[test]
+fn a_refused_worker_says_so_without_showing_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(&conf, "authorization { token: \"server-side-7a7a\" }\n").unwrap();
+    let server = NatsServer::start_with_config(&conf, &[]);
+    let out = worker_binary(dir.path(), "worker-wrong-3b3b")
+        .env("JETINFER_NATS__URLS", format!("[\"{}\"]", server.url()))
+        .env_remove("JETINFER_NATS__TLS__KEY_FILE")
+        .env_remove("JETINFER_NATS__TLS__CERT_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "worker ran with a wrong token");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(
+        !stderr.contains("worker-wrong-3b3b") && !stderr.contains("server-side-7a7a"),
+        "{stderr}"
+    );
+}
