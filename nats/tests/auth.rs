@@ -54,7 +54,10 @@ async fn assert_works(config: &NatsConfig) {
 /// Refused by the server, with an error that names the auth kind but shows
 /// none of the `secrets`.
 async fn assert_refused(config: &NatsConfig, secrets: &[&str]) {
-    let err = connect(config).await.err().expect("connection refused");
+    let err = connect(config)
+        .await
+        .map(|_| ())
+        .expect_err("connection refused");
     assert!(
         matches!(err, ConnectError::Refused { .. }),
         "expected a refusal, got: {err}"
@@ -131,8 +134,8 @@ async fn nkey_seed_is_accepted_and_another_seed_is_refused() {
     let garbage = secret_file(dir.path(), "garbage.nk", "not-a-seed-5e5e");
     let err = connect(&config(&server, Auth::Nkey { seed_file: garbage }))
         .await
-        .err()
-        .expect("unusable seed file refused");
+        .map(|_| ())
+        .expect_err("unusable seed file refused");
     assert!(matches!(err, ConnectError::Credentials { .. }), "{err}");
     assert!(err.to_string().contains("garbage.nk"), "{err}");
     assert!(!err.to_string().contains("not-a-seed-5e5e"), "{err}");
@@ -149,8 +152,8 @@ async fn a_missing_secret_file_is_named_in_the_error() {
         },
     ))
     .await
-    .err()
-    .expect("missing file refused");
+    .map(|_| ())
+    .expect_err("missing file refused");
     assert!(matches!(err, ConnectError::Credentials { .. }), "{err}");
     assert!(err.to_string().contains("no-such-token"), "{err}");
 }
@@ -218,8 +221,8 @@ async fn a_tls_server_refuses_plain_text_and_accepts_clients_that_trust_its_ca()
     // A TLS client that does not trust the server's CA refuses it.
     let err = connect(&tls_config(&server, TlsConfig::default()))
         .await
-        .err()
-        .expect("untrusted server certificate refused");
+        .map(|_| ())
+        .expect_err("untrusted server certificate refused");
     assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
 
     // Trusting the CA, it works.
@@ -289,8 +292,8 @@ async fn mutual_tls_accepts_the_cas_client_certificate_and_refuses_others() {
     // Half a client identity is a configuration error, caught up front.
     let err = connect(&trusting(Some(&pki.client_cert), None))
         .await
-        .err()
-        .expect("certificate without key refused");
+        .map(|_| ())
+        .expect_err("certificate without key refused");
     assert!(matches!(err, ConnectError::TlsConfig(_)), "{err}");
 }
 

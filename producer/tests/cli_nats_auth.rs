@@ -26,6 +26,16 @@ fn jetinfer(server: &NatsServer) -> Command {
     cmd
 }
 
+/// Everything the command printed: errors of single jobs go to stdout as
+/// JSON lines, errors of the command itself to stderr.
+fn printed(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 #[test]
 fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,7 +61,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .args(["embed", "hello"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = printed(&out);
     assert!(!out.status.success());
     assert!(
         stderr.contains("no worker has ever served model"),
@@ -66,7 +76,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .args(["embed", "hello"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = printed(&out);
     assert!(!out.status.success());
     assert!(stderr.contains("refused the credentials"), "{stderr}");
     assert!(
@@ -81,7 +91,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .args(["embed", "hello"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = printed(&out);
     assert!(
         stderr.contains("no worker has ever served model"),
         "{stderr}"
@@ -89,6 +99,6 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
 
     // No credentials at all: refused.
     let out = jetinfer(&server).args(["embed", "hello"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = printed(&out);
     assert!(stderr.contains("refused the credentials"), "{stderr}");
 }

@@ -302,8 +302,8 @@ async fn unauthenticated_and_unknown_clients_are_refused() {
     };
     let err = jetinfer_nats::connect(&anonymous)
         .await
-        .err()
-        .expect("refused");
+        .map(|_| ())
+        .expect_err("refused");
     assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
 
     // A well-formed NKey the server does not know.
@@ -321,8 +321,8 @@ async fn unauthenticated_and_unknown_clients_are_refused() {
     };
     let err = jetinfer_nats::connect(&unknown)
         .await
-        .err()
-        .expect("refused");
+        .map(|_| ())
+        .expect_err("refused");
     assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
 }
 
