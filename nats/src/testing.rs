@@ -22,6 +22,8 @@ pub struct NatsServer {
     /// Environment variables the server was started with (a config file may
     /// refer to them as `$NAME`), kept for restarts.
     env: Vec<(OsString, OsString)>,
+    /// The rewritten copy of a config file the server was started from.
+    _config: Option<tempfile::TempDir>,
 }
 
 /// Path of the nats-server binary tests use.
@@ -62,18 +64,26 @@ impl NatsServer {
 
     /// Starts a server with extra command-line arguments (e.g. `-c config`).
     pub fn start_with_args(extra: &[&str]) -> Self {
-        Self::launch(extra.iter().map(OsString::from).collect(), Vec::new())
+        Self::launch(extra.iter().map(OsString::from).collect(), Vec::new(), None)
     }
 
     /// Starts a server from the config file `config` (e.g. a shipped one in
     /// `deploy/nats/`), with `env` set for the `$NAME` variables it refers
     /// to. The command line overrides the file's listen address (a free
     /// loopback port), store directory (a temporary one) and monitoring port
-    /// (another free one), so tests can run side by side.
+    /// (another free one), so tests can run side by side. nats-server refuses
+    /// a store directory given both in the file and on the command line, so
+    /// the server runs from copies of the file and of the files it includes,
+    /// without their `store_dir` lines.
     pub fn start_with_config(config: &Path, env: &[(&str, &str)]) -> Self {
+        let dir = config.parent().unwrap_or(Path::new("."));
+        let name = Path::new(config.file_name().expect("a config file name"));
+        let copy_dir = tempfile::tempdir().expect("temp config dir");
+        copy_config_for_test(dir, name, copy_dir.path());
+        let copy = copy_dir.path().join(name);
         let extra = vec![
             OsString::from("-c"),
-            config.as_os_str().to_owned(),
+            copy.into_os_string(),
             OsString::from("-m"),
             OsString::from(free_port().to_string()),
         ];
@@ -81,10 +91,14 @@ impl NatsServer {
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect();
-        Self::launch(extra, env)
+        Self::launch(extra, env, Some(copy_dir))
     }
 
-    fn launch(extra: Vec<OsString>, env: Vec<(OsString, OsString)>) -> Self {
+    fn launch(
+        extra: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        config: Option<tempfile::TempDir>,
+    ) -> Self {
         let store = tempfile::tempdir().expect("temp store dir");
         let port = free_port();
         let child = spawn(port, store.path(), &extra, &env);
@@ -94,6 +108,7 @@ impl NatsServer {
             store,
             extra,
             env,
+            _config: config,
         };
         server.wait_ready();
         server
@@ -158,6 +173,38 @@ impl NatsServer {
 
 fn log_path(store: &Path) -> PathBuf {
     store.join("nats-server.log")
+}
+
+/// Copies the nats-server config `name` from `from` into `to`, without its
+/// `store_dir` lines, and likewise every file it includes. nats-server reads
+/// an `include` relative to the including file, so the copies keep their
+/// relative names.
+fn copy_config_for_test(from: &Path, name: &Path, to: &Path) {
+    let source = from.join(name);
+    let text = std::fs::read_to_string(&source)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let key = trimmed
+            .split(|c: char| c == ':' || c == '=' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        if matches!(key, "store_dir" | "storedir") {
+            continue;
+        }
+        if let Some(rest) = trimmed.strip_prefix("include ") {
+            let include = rest.trim().trim_end_matches(';').trim_matches(['"', '\'']);
+            copy_config_for_test(from, Path::new(include), to);
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    let target = to.join(name);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).expect("creating the config copy's directory");
+    }
+    std::fs::write(&target, out).expect("writing the config copy");
 }
 
 fn spawn(port: u16, store: &Path, extra: &[OsString], env: &[(OsString, OsString)]) -> Child {
