@@ -6,7 +6,9 @@
 #   scripts/bench-scenarios.sh echo     # the queue's own cost
 #   scripts/bench-scenarios.sh candle   # all-MiniLM-L6-v2 on CPU
 #
-# Reports land in target/loadgen/<backend>/<scenario>/ (report.html etc.).
+# Reports land in target/loadgen/<backend>/<scenario>/ (report.html etc.),
+# each with the worker's own figures (batch size, queue wait, padding waste)
+# scraped from its /metrics before and after the run.
 # PROFILE=release uses release builds (default: the dev profile, whose
 # dependencies, candle included, are built at -O3 anyway).
 set -euo pipefail
@@ -30,15 +32,32 @@ stop() {
 trap stop EXIT
 # A fresh server and worker per scenario: jobs an overloaded run left queued
 # (timed out on the client, still in the stream) must not slow the next one.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
 start() {
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
+  http_port=$(free_port)
   store=$(mktemp -d)
   .cache/bin/nats-server -a 127.0.0.1 -p "$port" -js -sd "$store" >/dev/null 2>&1 &
   nats_pid=$!
   sleep 1
-  JETINFER_NATS__URLS="[\"nats://127.0.0.1:$port\"]" "target/$dir/jetinfer-worker" >/dev/null 2>&1 &
+  JETINFER_NATS__URLS="[\"nats://127.0.0.1:$port\"]" JETINFER_HTTP__ADDR="127.0.0.1:$http_port" \
+    "target/$dir/jetinfer-worker" >/dev/null 2>&1 &
   worker_pid=$!
-  sleep 3
+  # Ready: connected, model loaded, consumer bound (at most a minute).
+  python3 - "$http_port" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/readyz"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(url, timeout=1).status == 200:
+            sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(f"worker not ready at {url}")
+PY
 }
 
 if [ "$backend" = echo ]; then bulk_jobs=3000; else bulk_jobs=300; fi
@@ -49,6 +68,7 @@ run() { # label, scenario, extra args...
   start
   echo "== $backend $label: jetinfer-loadgen run -s $name $* --nats-url nats://127.0.0.1:PORT"
   "target/$dir/jetinfer-loadgen" run -s "$name" --nats-url "nats://127.0.0.1:$port" -q \
+    --metrics-url "http://127.0.0.1:$http_port/metrics" \
     --out "target/loadgen/$backend/$label" "$@" || true
   stop
 }

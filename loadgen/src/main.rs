@@ -1,5 +1,6 @@
 //! `jetinfer-loadgen`: parses arguments into a [`Plan`] and runs it; prints
-//! the summary table and exits 99 when a threshold fails (as k6 does).
+//! the summary table and exits 99 when a threshold fails (as k6 does), 1 on
+//! an error (printed as one line of causes, without a backtrace).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -185,7 +186,20 @@ fn plan(args: RunArgs) -> anyhow::Result<Plan> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(err) => {
+            // `{:#}`: the causes on one line. Returning the error from `main`
+            // would print its Debug form, which includes a full backtrace
+            // whenever RUST_BACKTRACE is set and reads like a panic.
+            eprintln!("jetinfer-loadgen: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -4,12 +4,18 @@
 //! run. Parsing is generic (the text exposition format), so new worker
 //! metrics show up without changes here.
 //!
+//! Each scrape waits (briefly) for the worker's in-flight jobs to settle: a
+//! job's result reaches loadgen a moment before the worker counts it as
+//! finished, so a scrape taken at once would miss the run's last jobs and
+//! count the probe job in the run.
+//!
 //! Only plain `http://` URLs are scraped (a worker's metrics port is local to
 //! its host); anything unreachable is reported as not available.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use jetinfer_monitoring::names;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,6 +25,11 @@ pub const PREFIX: &str = "jetinfer_";
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest exposition accepted.
 const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest a scrape waits for the worker's in-flight jobs to reach zero; a
+/// worker busy with other clients' jobs never does, and is scraped as it is.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between scrapes while waiting for in-flight jobs to settle.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 
 /// Samples by series key: `name{label="v",...}` as written by the exporter.
 pub type Samples = BTreeMap<String, f64>;
@@ -194,10 +205,32 @@ async fn fetch(url: &str) -> Result<String, ScrapeError> {
     Ok(body.to_string())
 }
 
+/// Jobs the worker holds now: the sum of its in-flight gauges (all models).
+fn in_flight(samples: &Samples) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| metric_name(series) == names::JOBS_IN_FLIGHT)
+        .map(|(_, value)| value)
+        .sum()
+}
+
+/// Scrapes `url` until the worker holds no job in flight, or for at most
+/// [`SETTLE_TIMEOUT`]; returns the last scrape.
+pub async fn scrape_settled(url: &str) -> Result<Samples, ScrapeError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let samples = scrape(url).await?;
+        if in_flight(&samples) <= 0.0 || started.elapsed() >= SETTLE_TIMEOUT {
+            return Ok(samples);
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
 /// Scrapes before a run; `None` for `url` means not requested.
 pub async fn before(url: Option<&str>) -> Option<Result<Samples, String>> {
     let url = url?;
-    Some(scrape(url).await.map_err(|e| e.to_string()))
+    Some(scrape_settled(url).await.map_err(|e| e.to_string()))
 }
 
 /// Scrapes after a run and compares with the first scrape.
@@ -209,7 +242,7 @@ pub async fn after(url: Option<&str>, before: Option<Result<Samples, String>>) -
         url: url.into(),
         reason,
     };
-    match (before, scrape(url).await) {
+    match (before, scrape_settled(url).await) {
         (Ok(b), Ok(a)) => diff(url, &b, &a),
         (Err(e), _) => unavailable(format!("before the run: {e}")),
         (_, Err(e)) => unavailable(format!("after the run: {e}")),
@@ -282,6 +315,16 @@ process_cpu_seconds_total 9.5
             "unchanged gauges, buckets and other prefixes are left out"
         );
         assert_eq!(changed[1].delta, 40.0);
+    }
+
+    #[test]
+    fn jobs_in_flight_are_summed_over_models() {
+        let s = parse(
+            "jetinfer_jobs_in_flight{model=\"a\"} 2\njetinfer_jobs_in_flight{model=\"b\"} 1\n\
+             jetinfer_jobs_in_flight_other 7\n",
+        );
+        assert_eq!(in_flight(&s), 3.0);
+        assert_eq!(in_flight(&parse(BEFORE)), 0.0, "absent: nothing in flight");
     }
 
     #[tokio::test]

@@ -71,9 +71,9 @@ pub const OUTCOME_DEADLINE_EXCEEDED: &str = "deadline_exceeded";
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
-/// Inputs per batch: the default `max_inputs` is 32; larger knobs land in the top buckets.
+/// Inputs per batch: the default `max_inputs` is 8; larger knobs land in the top buckets.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
-/// Padded tokens per batch, up to and past the default budget of 8192.
+/// Padded tokens per batch, up to and past the default budget of 2048.
 const PADDED_TOKEN_BUCKETS: &[f64] = &[
     16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0,
 ];

@@ -2,6 +2,7 @@
 //! the worker until SIGINT or SIGTERM, then drains and exits.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,7 +26,19 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line of causes; the Debug form `main` would print carries a
+            // full backtrace whenever RUST_BACKTRACE is set and reads like a panic.
+            eprintln!("jetinfer-worker: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = WorkerConfig::load(args.config.as_deref()).context("loading configuration")?;
     init_logging(config.log.json);

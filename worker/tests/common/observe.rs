@@ -95,6 +95,7 @@ pub async fn start_alertmanager(config: &str, dir: tempfile::TempDir) -> Daemon 
         ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--cluster.listen-address=")
+        .arg("--log.level=debug")
         .stdout(Stdio::null())
         .stderr(log_file(dir.path()))
         .spawn()
