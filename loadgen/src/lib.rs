@@ -37,6 +37,8 @@ pub struct Plan {
     pub corpus: PathBuf,
     pub thresholds: Vec<Threshold>,
     pub metrics_url: Option<String>,
+    /// Bearer token for `metrics_url`, when the worker requires one.
+    pub metrics_token: Option<metrics::MetricsToken>,
     /// Where report.json, windows.csv and report.html go; `None`: nowhere.
     pub out_dir: Option<PathBuf>,
     pub window: Duration,
@@ -63,13 +65,14 @@ pub async fn execute(plan: &Plan) -> Result<(Report, Option<report::Files>), Loa
     let jobs = corpus::JobSource::new(texts, &plan.scenario.mix, &plan.target.model, plan.seed);
     let client = run::connect(&plan.target, plan.scenario.timeout).await?;
     let metrics_url = plan.metrics_url.as_deref();
-    let before = metrics::before(metrics_url).await;
+    let metrics_token = plan.metrics_token.as_ref();
+    let before = metrics::before(metrics_url, metrics_token).await;
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
     let summary = run::run(client, &plan.scenario, jobs, plan.window, plan.progress).await;
-    let worker = metrics::after(metrics_url, before).await;
+    let worker = metrics::after(metrics_url, metrics_token, before).await;
     let thresholds = plan.thresholds.iter().map(|t| t.check(&summary)).collect();
     let report = Report {
         scenario: plan.scenario.clone(),

@@ -98,6 +98,9 @@ struct RunArgs {
     /// The worker's Prometheus endpoint, scraped before and after the run.
     #[arg(long)]
     metrics_url: Option<String>,
+    /// A file holding the bearer token the worker's `/metrics` requires.
+    #[arg(long, env = "JETINFER_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// Directory for report.json, windows.csv and report.html.
     #[arg(long, default_value = "loadgen-report")]
     out: PathBuf,
@@ -178,6 +181,14 @@ fn plan(args: RunArgs) -> anyhow::Result<Plan> {
         corpus: args.corpus,
         thresholds: args.thresholds,
         metrics_url: args.metrics_url,
+        metrics_token: args
+            .metrics_token_file
+            .as_deref()
+            .map(|path| {
+                jetinfer_loadgen::metrics::MetricsToken::from_file(path)
+                    .with_context(|| format!("reading --metrics-token-file {}", path.display()))
+            })
+            .transpose()?,
         out_dir: Some(args.out),
         window: duration::parse(&args.window)?,
         seed: args.seed,

@@ -150,6 +150,31 @@ pub fn diff(url: &str, before: &Samples, after: &Samples) -> WorkerMetrics {
     }
 }
 
+/// The bearer token a worker's `/metrics` may require
+/// (`[http] metrics_token_file` on the worker). `Debug` never shows it.
+#[derive(Clone)]
+pub struct MetricsToken(String);
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(redacted)")
+    }
+}
+
+impl MetricsToken {
+    /// Reads the token from `path`; surrounding whitespace is not part of it.
+    pub fn from_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let token = std::fs::read_to_string(path)?.trim().to_string();
+        if token.is_empty() || token.contains(['\r', '\n']) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} must hold one non-empty line", path.display()),
+            ));
+        }
+        Ok(Self(token))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
     #[error("only http:// metrics URLs are supported")]
@@ -164,16 +189,17 @@ pub enum ScrapeError {
     Malformed,
 }
 
-/// Fetches and parses `url` (e.g. `http://127.0.0.1:9464/metrics`).
-pub async fn scrape(url: &str) -> Result<Samples, ScrapeError> {
-    tokio::time::timeout(SCRAPE_TIMEOUT, fetch(url))
+/// Fetches and parses `url` (e.g. `http://127.0.0.1:9464/metrics`), sending
+/// `token` as a bearer token when given.
+pub async fn scrape(url: &str, token: Option<&MetricsToken>) -> Result<Samples, ScrapeError> {
+    tokio::time::timeout(SCRAPE_TIMEOUT, fetch(url, token))
         .await
         .map_err(|_| ScrapeError::Timeout(SCRAPE_TIMEOUT))?
         .map(|body| parse(&body))
 }
 
 /// A minimal HTTP/1.0 GET: one request, the server closes after the body.
-async fn fetch(url: &str) -> Result<String, ScrapeError> {
+async fn fetch(url: &str, token: Option<&MetricsToken>) -> Result<String, ScrapeError> {
     let rest = url.strip_prefix("http://").ok_or(ScrapeError::Scheme)?;
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -185,8 +211,11 @@ async fn fetch(url: &str) -> Result<String, ScrapeError> {
         format!("{authority}:80")
     };
     let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {}\r\n", t.0))
+        .unwrap_or_default();
     let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\nUser-Agent: jetinfer-loadgen\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\nUser-Agent: jetinfer-loadgen\r\n{authorization}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
@@ -216,10 +245,13 @@ fn in_flight(samples: &Samples) -> f64 {
 
 /// Scrapes `url` until the worker holds no job in flight, or for at most
 /// [`SETTLE_TIMEOUT`]; returns the last scrape.
-pub async fn scrape_settled(url: &str) -> Result<Samples, ScrapeError> {
+pub async fn scrape_settled(
+    url: &str,
+    token: Option<&MetricsToken>,
+) -> Result<Samples, ScrapeError> {
     let started = tokio::time::Instant::now();
     loop {
-        let samples = scrape(url).await?;
+        let samples = scrape(url, token).await?;
         if in_flight(&samples) <= 0.0 || started.elapsed() >= SETTLE_TIMEOUT {
             return Ok(samples);
         }
@@ -228,13 +260,20 @@ pub async fn scrape_settled(url: &str) -> Result<Samples, ScrapeError> {
 }
 
 /// Scrapes before a run; `None` for `url` means not requested.
-pub async fn before(url: Option<&str>) -> Option<Result<Samples, String>> {
+pub async fn before(
+    url: Option<&str>,
+    token: Option<&MetricsToken>,
+) -> Option<Result<Samples, String>> {
     let url = url?;
-    Some(scrape_settled(url).await.map_err(|e| e.to_string()))
+    Some(scrape_settled(url, token).await.map_err(|e| e.to_string()))
 }
 
 /// Scrapes after a run and compares with the first scrape.
-pub async fn after(url: Option<&str>, before: Option<Result<Samples, String>>) -> WorkerMetrics {
+pub async fn after(
+    url: Option<&str>,
+    token: Option<&MetricsToken>,
+    before: Option<Result<Samples, String>>,
+) -> WorkerMetrics {
     let (Some(url), Some(before)) = (url, before) else {
         return WorkerMetrics::NotRequested;
     };
@@ -242,7 +281,7 @@ pub async fn after(url: Option<&str>, before: Option<Result<Samples, String>>) -
         url: url.into(),
         reason,
     };
-    match (before, scrape_settled(url).await) {
+    match (before, scrape_settled(url, token).await) {
         (Ok(b), Ok(a)) => diff(url, &b, &a),
         (Err(e), _) => unavailable(format!("before the run: {e}")),
         (_, Err(e)) => unavailable(format!("after the run: {e}")),
@@ -335,12 +374,12 @@ process_cpu_seconds_total 9.5
             .unwrap()
             .port();
         let url = format!("http://127.0.0.1:{port}/metrics");
-        let first = before(Some(&url)).await;
-        let report = after(Some(&url), first).await;
+        let first = before(Some(&url), None).await;
+        let report = after(Some(&url), None, first).await;
         assert!(
             matches!(report, WorkerMetrics::NotAvailable { .. }),
             "{report:?}"
         );
-        assert_eq!(after(None, None).await, WorkerMetrics::NotRequested);
+        assert_eq!(after(None, None, None).await, WorkerMetrics::NotRequested);
     }
 }

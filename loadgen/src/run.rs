@@ -48,6 +48,7 @@ pub fn error_kind(err: &SubmitError) -> &'static str {
     match err {
         SubmitError::Timeout { .. } => "timeout",
         SubmitError::QueueFull => "queue_full",
+        SubmitError::QuotaExceeded { .. } => "quota_exceeded",
         SubmitError::UnknownModel(_) => "unknown_model",
         SubmitError::Publish(_) => "publish",
         SubmitError::Closed => "closed",

@@ -18,6 +18,7 @@ fn plan(server: &NatsServer, out: &std::path::Path, thresholds: &[&str]) -> Plan
         corpus: common::corpus(),
         thresholds: thresholds.iter().map(|t| t.parse().unwrap()).collect(),
         metrics_url: Some(format!("http://127.0.0.1:{}/metrics", free_port())),
+        metrics_token: None,
         out_dir: Some(out.to_path_buf()),
         window: Duration::from_millis(500),
         seed: 7,
@@ -121,4 +122,35 @@ async fn a_wrong_model_fails_fast_before_the_run() {
 #[test]
 fn thresholds_parse_from_command_line_text() {
     assert!("p95<250ms".parse::<Threshold>().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraping_a_token_protected_metrics_endpoint_needs_the_token_file() {
+    use jetinfer_loadgen::metrics::{scrape, MetricsToken};
+    use jetinfer_worker::http::{self, Health, HttpServer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "loadgen-token\n").unwrap();
+    let server = HttpServer::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Health::default(),
+        http::MetricsToken::new("loadgen-token"),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/metrics", server.local_addr);
+
+    let refused = scrape(&url, None).await.unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    let token = MetricsToken::from_file(&file).unwrap();
+    assert!(!format!("{token:?}").contains("loadgen-token"));
+    let samples = scrape(&url, Some(&token))
+        .await
+        .expect("scrape with the token");
+    assert!(
+        samples.keys().any(|k| k.starts_with("jetinfer_build_info")),
+        "{samples:?}"
+    );
+    server.stop().await;
 }

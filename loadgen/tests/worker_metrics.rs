@@ -42,6 +42,7 @@ async fn a_run_reports_the_workers_batch_size_queue_wait_and_padding_waste() {
         corpus: common::corpus(),
         thresholds: Vec::new(),
         metrics_url: Some(metrics_url.clone()),
+        metrics_token: None,
         out_dir: Some(out.path().to_path_buf()),
         window: Duration::from_millis(500),
         seed: 3,

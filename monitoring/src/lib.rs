@@ -307,6 +307,9 @@ pub fn job_finished(model: &str, outcome: &str, end_to_end: Option<Duration>) {
 
 /// Dead-letter reason for a job without a reply subject.
 pub const REASON_NO_REPLY_SUBJECT: &str = "no_reply_subject";
+/// Dead-letter reason for a job whose reply subject the worker's reply policy
+/// forbids (another tenant's, a system or jobs subject, a wildcard...).
+pub const REASON_FORBIDDEN_REPLY_SUBJECT: &str = "forbidden_reply_subject";
 /// Dead-letter reason for a job JetStream delivered `max_deliver` times.
 pub const REASON_MAX_DELIVERIES: &str = "max_deliveries";
 

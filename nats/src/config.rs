@@ -179,6 +179,9 @@ pub struct TlsConfig {
 pub const DEFAULT_STREAM_NAME: &str = "JETINFER_JOBS";
 pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 pub const DEFAULT_STREAM_MAX_MESSAGES: i64 = 1_000_000;
+/// Default per-tenant queue quota (per model): a tenth of the stream, so no
+/// one tenant can fill the queue for everybody.
+pub const DEFAULT_MAX_JOBS_PER_TENANT: i64 = DEFAULT_STREAM_MAX_MESSAGES / 10;
 /// JetStream de-duplicates on `Nats-Msg-Id` within this window.
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -196,6 +199,11 @@ pub struct StreamSettings {
     /// How long the results stream keeps results for producers catching up.
     #[serde(with = "humantime_secs")]
     pub results_max_age: Duration,
+    /// Per-tenant queue quota: most jobs one tenant may have queued (stored,
+    /// not yet answered) for one model, i.e. on one subject
+    /// `jobs.<model>.<tenant>`. Past it JetStream refuses that tenant's new
+    /// jobs (`QuotaExceeded`) while other tenants' keep flowing. 0: no quota.
+    pub max_jobs_per_tenant: i64,
 }
 
 impl Default for StreamSettings {
@@ -207,6 +215,7 @@ impl Default for StreamSettings {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             replicas: 1,
             results_max_age: crate::results::DEFAULT_RESULTS_MAX_AGE,
+            max_jobs_per_tenant: DEFAULT_MAX_JOBS_PER_TENANT,
         }
     }
 }

@@ -25,9 +25,18 @@ pub enum ProvisionError {
 
 /// The jobs stream's configuration: WorkQueue retention (a job is removed once
 /// acked), file storage, refusing new jobs when full so producers see
-/// back-pressure instead of old jobs being dropped.
+/// back-pressure instead of old jobs being dropped. With a per-tenant quota,
+/// each subject `jobs.<model>.<tenant>` holds at most that many jobs and a
+/// tenant past it is refused on its own (discard new per subject).
 pub fn stream_config(settings: &StreamSettings) -> stream::Config {
+    let quota = settings.max_jobs_per_tenant > 0;
     stream::Config {
+        max_messages_per_subject: if quota {
+            settings.max_jobs_per_tenant
+        } else {
+            -1
+        },
+        discard_new_per_subject: quota,
         name: settings.name.clone(),
         subjects: vec![subjects::all_jobs()],
         retention: stream::RetentionPolicy::WorkQueue,

@@ -16,6 +16,11 @@ pub enum PublishJobError {
     /// The stream is at a limit and refuses new jobs: back off and retry.
     #[error("the job queue is full: retry later")]
     QueueFull,
+    /// This tenant already has its quota of jobs queued for this model
+    /// (the stream's per-subject limit); other tenants are unaffected. Back
+    /// off and retry once some of its jobs are answered.
+    #[error("tenant {tenant} has its quota of jobs queued for model {model}: retry once some are answered")]
+    QuotaExceeded { tenant: String, model: String },
     /// No stream listens on the job subject: no worker was ever started here.
     #[error("no jobs stream on this server: start a worker (it provisions the stream) first")]
     NoStream,
@@ -42,6 +47,20 @@ impl From<jetstream::context::PublishError> for PublishJobError {
     }
 }
 
+impl PublishJobError {
+    /// Classifies a refused publish of a job for `tenant` and `model`.
+    fn from_publish(err: jetstream::context::PublishError, tenant: &Tenant, model: &str) -> Self {
+        if is_per_subject_refusal(&err) {
+            Self::QuotaExceeded {
+                tenant: tenant.to_string(),
+                model: model.to_string(),
+            }
+        } else {
+            err.into()
+        }
+    }
+}
+
 /// JetStream answers a full stream with discard=new with error code 10077
 /// ("maximum messages exceeded") or 10047 ("maximum bytes exceeded").
 fn is_limit_refusal(err: &jetstream::context::PublishError) -> bool {
@@ -50,6 +69,13 @@ fn is_limit_refusal(err: &jetstream::context::PublishError) -> bool {
         || text.contains("maximum bytes")
         || text.contains("10077")
         || text.contains("10047")
+}
+
+/// With `discard_new_per_subject`, a subject at `max_msgs_per_subject` is
+/// refused with "maximum messages per subject exceeded" (also code 10077, so
+/// only the text tells it from a full stream).
+fn is_per_subject_refusal(err: &jetstream::context::PublishError) -> bool {
+    err.to_string().contains("maximum messages per subject")
 }
 
 /// Publishes `job` for `tenant`, asking for the result on `reply_to`, and waits
@@ -83,10 +109,13 @@ pub async fn publish_job_traced(
         None => new_traceparent(),
     };
     headers.insert(headers::TRACEPARENT, traceparent.as_str());
+    let refused = |err| PublishJobError::from_publish(err, tenant, &job.model);
     let ack = js
         .publish_with_headers(subject, headers, encode_job(job).into())
-        .await?
-        .await?;
+        .await
+        .map_err(refused)?
+        .await
+        .map_err(refused)?;
     Ok(ack)
 }
 

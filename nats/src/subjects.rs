@@ -126,6 +126,209 @@ pub fn result_inbox(tenant: &Tenant, client_id: &str) -> Result<String, SubjectE
     Ok(format!("{RESULTS_PREFIX}.{tenant}.{client_id}"))
 }
 
+/// Stands for the job's tenant in a reply-subject pattern.
+pub const TENANT_PLACEHOLDER: &str = "{tenant}";
+/// Longest reply subject a worker publishes to.
+pub const MAX_REPLY_SUBJECT_LEN: usize = 256;
+
+/// The default reply allow-list: `results.{tenant}.>`, so a job may only ask
+/// for its result on its own tenant's result inboxes.
+pub fn default_reply_patterns() -> Vec<String> {
+    vec![format!("{RESULTS_PREFIX}.{TENANT_PLACEHOLDER}.>")]
+}
+
+/// Why a reply-subject pattern cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("reply subject pattern {pattern:?} {why}")]
+pub struct ReplyPatternError {
+    pub pattern: String,
+    pub why: &'static str,
+}
+
+/// Why a worker will not publish to a job's reply subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("reply subject {shown} refused: {why}")]
+pub struct ForbiddenReply {
+    /// The subject as safe to log: escaped and cut to a few dozen characters.
+    pub shown: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PatternToken {
+    Literal(String),
+    Tenant,
+    /// `*`: any one token.
+    One,
+    /// `>`: one or more tokens, last only.
+    Rest,
+}
+
+/// The subjects a worker may publish a job's result to, as patterns with a
+/// `{tenant}` token filled from the subject the job was published on (which
+/// server permissions confine), never from the job itself.
+///
+/// A reply subject is accepted only if it is a literal subject (tokens of
+/// `A-Z a-z 0-9 - _`, so no wildcard, `$` system prefix, whitespace or
+/// non-ASCII) of at most [`MAX_REPLY_SUBJECT_LEN`] bytes that matches one of
+/// the patterns for the job's own tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyPolicy {
+    patterns: Vec<Vec<PatternToken>>,
+    shown: Vec<String>,
+}
+
+impl Default for ReplyPolicy {
+    fn default() -> Self {
+        Self::new(&default_reply_patterns()).expect("the default reply pattern is valid")
+    }
+}
+
+impl ReplyPolicy {
+    /// Checks `patterns`: at least one; each a subject pattern whose first
+    /// token is a literal outside jetinfer's jobs and dead-letter subjects and
+    /// the `$` system subjects, holding `{tenant}` as exactly one whole token
+    /// (so no two tenants share a reply subject), `>` only last.
+    pub fn new(patterns: &[String]) -> Result<Self, ReplyPatternError> {
+        if patterns.is_empty() {
+            return Err(ReplyPatternError {
+                pattern: String::new(),
+                why: "list is empty: with no allowed reply subject no job could be answered",
+            });
+        }
+        let parsed = patterns
+            .iter()
+            .map(|p| parse_pattern(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            patterns: parsed,
+            shown: patterns.to_vec(),
+        })
+    }
+
+    /// The patterns as configured.
+    pub fn patterns(&self) -> &[String] {
+        &self.shown
+    }
+
+    /// Whether a worker may publish the result of the job published on
+    /// `job_subject` to `reply_to`.
+    pub fn check(&self, job_subject: &str, reply_to: &str) -> Result<(), ForbiddenReply> {
+        let refuse = |why: String| ForbiddenReply {
+            shown: shown(reply_to),
+            why,
+        };
+        let tenant = match parse_job(job_subject) {
+            Some((_, tenant)) if check_token("tenant", tenant).is_ok() => tenant,
+            _ => {
+                return Err(refuse(format!(
+                    "the job subject {} names no valid tenant",
+                    shown(job_subject)
+                )))
+            }
+        };
+        if reply_to.is_empty() || reply_to.len() > MAX_REPLY_SUBJECT_LEN {
+            return Err(refuse(format!(
+                "a reply subject is 1 to {MAX_REPLY_SUBJECT_LEN} bytes"
+            )));
+        }
+        let literal = reply_to.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+        if !literal {
+            return Err(refuse(
+                "a reply subject is dot-separated tokens of A-Z, a-z, 0-9, '-' and '_' (no wildcards)"
+                    .to_string(),
+            ));
+        }
+        let tokens: Vec<&str> = reply_to.split('.').collect();
+        if self.patterns.iter().any(|p| matches(p, tenant, &tokens)) {
+            Ok(())
+        } else {
+            Err(refuse(format!(
+                "tenant {tenant} may only be answered on {}",
+                self.shown.join(", ").replace(TENANT_PLACEHOLDER, tenant)
+            )))
+        }
+    }
+}
+
+fn parse_pattern(pattern: &str) -> Result<Vec<PatternToken>, ReplyPatternError> {
+    let bad = |why| ReplyPatternError {
+        pattern: pattern.to_string(),
+        why,
+    };
+    let raw: Vec<&str> = pattern.split('.').collect();
+    let mut tokens = Vec::with_capacity(raw.len());
+    for (i, token) in raw.iter().enumerate() {
+        tokens.push(match *token {
+            TENANT_PLACEHOLDER => PatternToken::Tenant,
+            "*" => PatternToken::One,
+            ">" if i + 1 == raw.len() => PatternToken::Rest,
+            ">" => return Err(bad("has '>' before its last token")),
+            literal if check_token("token", literal).is_ok() => {
+                PatternToken::Literal(literal.to_string())
+            }
+            _ => {
+                return Err(bad(
+                    "has a token that is not {tenant}, '*', '>' or A-Z, a-z, 0-9, '-', '_'",
+                ))
+            }
+        });
+    }
+    match tokens.first() {
+        Some(PatternToken::Literal(first))
+            if first != JOBS_PREFIX && first != DEAD_LETTER_PREFIX => {}
+        Some(PatternToken::Literal(_)) => {
+            return Err(bad(
+                "would let jobs publish into the jobs or dead-letter subjects",
+            ))
+        }
+        _ => return Err(bad("must start with a literal token")),
+    }
+    if tokens
+        .iter()
+        .filter(|t| **t == PatternToken::Tenant)
+        .count()
+        != 1
+    {
+        return Err(bad("must hold {tenant} exactly once, as a whole token"));
+    }
+    Ok(tokens)
+}
+
+fn matches(pattern: &[PatternToken], tenant: &str, subject: &[&str]) -> bool {
+    let mut subject = subject.iter();
+    for token in pattern {
+        let next = subject.next();
+        let ok = match (token, next) {
+            (PatternToken::Rest, Some(_)) => return true,
+            (_, None) => false,
+            (PatternToken::Literal(l), Some(s)) => l == s,
+            (PatternToken::Tenant, Some(s)) => *s == tenant,
+            (PatternToken::One, Some(_)) => true,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    subject.next().is_none()
+}
+
+/// A subject as safe to show in logs and headers: escaped, at most a few
+/// dozen characters.
+fn shown(subject: &str) -> String {
+    const SHOWN_CHARS: usize = 64;
+    let mut text: String = subject.chars().take(SHOWN_CHARS).collect();
+    if subject.chars().nth(SHOWN_CHARS).is_some() {
+        text.push('…');
+    }
+    format!("{text:?}")
+}
+
 /// Name of a model's durable pull consumer.
 pub fn consumer_name(model: &str) -> Result<String, SubjectError> {
     check_token("model", model)?;
@@ -149,6 +352,58 @@ mod tests {
         assert_eq!(parse_job("jobs.minilm"), None);
         assert_eq!(parse_job("jobs.minilm.acme.extra"), None);
         assert_eq!(parse_job("results.minilm.acme"), None);
+    }
+
+    #[test]
+    fn replies_are_confined_to_the_jobs_own_tenant_results() {
+        let policy = ReplyPolicy::default();
+        let job = "jobs.minilm.acme";
+        assert!(policy.check(job, "results.acme.client1").is_ok());
+        assert!(policy.check(job, "results.acme.client1.deeper").is_ok());
+        let long = format!("results.acme.{}", "x".repeat(MAX_REPLY_SUBJECT_LEN));
+        for bad in [
+            "$JS.API.STREAM.DELETE.JETINFER_JOBS",
+            "jobs.minilm.acme",
+            "results.othertenant.x",
+            "results.acme",
+            "results.>",
+            "results.*.x",
+            "results.acme.*",
+            "results.acme.>",
+            "results..acme.x",
+            "results.acme.x ",
+            "results.acme.ü",
+            "",
+            long.as_str(),
+        ] {
+            assert!(policy.check(job, bad).is_err(), "{bad:?} allowed");
+        }
+        // A job subject without a valid tenant has no allowed reply at all.
+        assert!(policy.check("jobs.minilm", "results.acme.x").is_err());
+        assert!(policy.check("jobs.minilm.$x", "results.$x.y").is_err());
+    }
+
+    #[test]
+    fn reply_patterns_must_name_the_tenant_and_stay_out_of_jetinfers_subjects() {
+        let ok =
+            ReplyPolicy::new(&["_INBOX.{tenant}.>".into(), "replies.*.{tenant}".into()]).unwrap();
+        assert!(ok.check("jobs.m.acme", "_INBOX.acme.abc.def").is_ok());
+        assert!(ok.check("jobs.m.acme", "replies.x.acme").is_ok());
+        assert!(ok.check("jobs.m.acme", "replies.x.other").is_err());
+        for bad in [
+            "results.>",
+            "$JS.{tenant}.>",
+            "jobs.{tenant}.>",
+            "dlq.{tenant}.>",
+            "{tenant}.>",
+            "results.{tenant}x.>",
+            "results.{tenant}.{tenant}",
+            "results.>.{tenant}",
+            "*.{tenant}.>",
+        ] {
+            assert!(ReplyPolicy::new(&[bad.into()]).is_err(), "{bad:?} accepted");
+        }
+        assert!(ReplyPolicy::new(&[]).is_err());
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum SubmitError {
     /// The queue refused the job: back off and retry later.
     #[error("the job queue is full: retry later")]
     QueueFull,
+    /// This client's tenant has its quota of jobs queued for the model: back
+    /// off and retry once some are answered. Other tenants are unaffected.
+    #[error("tenant {tenant} has its quota of jobs queued for model {model}: retry once some are answered")]
+    QuotaExceeded { tenant: String, model: String },
     #[error(transparent)]
     Publish(PublishJobError),
     #[error("no result for job {job_id} within {after:?}; it stays queued and may still run")]
@@ -92,6 +96,9 @@ impl From<PublishJobError> for SubmitError {
     fn from(err: PublishJobError) -> Self {
         match err {
             PublishJobError::QueueFull => Self::QueueFull,
+            PublishJobError::QuotaExceeded { tenant, model } => {
+                Self::QuotaExceeded { tenant, model }
+            }
             PublishJobError::Subject(e) => Self::Subject(e),
             other => Self::Publish(other),
         }

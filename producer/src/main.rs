@@ -250,6 +250,7 @@ fn submit_error_code(err: &SubmitError) -> &'static str {
     match err {
         SubmitError::UnknownModel(_) => "unknown_model",
         SubmitError::QueueFull => "queue_full",
+        SubmitError::QuotaExceeded { .. } => "quota_exceeded",
         SubmitError::Timeout { .. } => "timeout",
         SubmitError::Subject(_) => "invalid_input",
         _ => "client_error",

@@ -25,6 +25,9 @@ pub enum ErrorCode {
     DeadlineExceeded,
     /// The worker failed; the job may succeed if retried.
     Internal,
+    /// The tenant sent jobs faster than its rate limit allows. The job was not
+    /// run; submit it again after [`JobError::retry_after`].
+    RateLimited,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -42,6 +45,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => "unsupported_version",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Internal => "internal",
+            Self::RateLimited => "rate_limited",
             Self::Unknown => "unknown",
         }
     }
@@ -59,6 +63,11 @@ impl std::fmt::Display for ErrorCode {
 pub struct JobError {
     pub code: ErrorCode,
     pub message: String,
+    /// For [`ErrorCode::RateLimited`]: milliseconds to wait before submitting
+    /// again. Absent on the wire when not set, so older readers and writers
+    /// are unaffected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl JobError {
@@ -66,6 +75,20 @@ impl JobError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
+    }
+
+    /// A [`ErrorCode::RateLimited`] error asking the caller to wait `after`.
+    pub fn rate_limited(message: impl Into<String>, after: std::time::Duration) -> Self {
+        Self {
+            retry_after_ms: Some(after.as_millis().try_into().unwrap_or(u64::MAX).max(1)),
+            ..Self::new(ErrorCode::RateLimited, message)
+        }
+    }
+
+    /// How long to wait before submitting the job again, when the worker said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after_ms.map(std::time::Duration::from_millis)
     }
 }

@@ -110,6 +110,56 @@ fn unknown_error_code_from_a_newer_worker_still_decodes() {
 }
 
 #[test]
+fn rate_limited_errors_carry_retry_after_and_older_readers_still_decode_them() {
+    let limited = JobResult::error(
+        "job-3".into(),
+        JobError::rate_limited("slow down", std::time::Duration::from_millis(1500)),
+    );
+    let bytes = encode_result(&limited);
+    let back = decode_result(&bytes).unwrap().into_result().unwrap_err();
+    assert_eq!(back.code, ErrorCode::RateLimited);
+    assert_eq!(back.code.as_str(), "rate_limited");
+    assert_eq!(
+        back.retry_after(),
+        Some(std::time::Duration::from_millis(1500))
+    );
+
+    // A reader built before `retry_after_ms` existed ignores it.
+    #[derive(serde::Deserialize)]
+    struct OldError {
+        code: String,
+        message: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldOutcome {
+        error: OldError,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldResult {
+        outcome: OldOutcome,
+    }
+    let old: OldResult = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(old.outcome.error.code, "rate_limited");
+    assert_eq!(old.outcome.error.message, "slow down");
+
+    // Other errors leave the field off the wire entirely.
+    let plain = encode_result(&JobResult::error(
+        "job-4".into(),
+        JobError::new(ErrorCode::Internal, "x"),
+    ));
+    assert!(!plain.windows(14).any(|w| w == b"retry_after_ms"));
+}
+
+#[test]
+fn an_input_that_is_not_utf8_is_a_typed_invalid_input_error() {
+    let mut bytes = encode_job(&Job::new("minilm", vec!["QQQQ".into()]).with_id("utf8"));
+    let at = bytes.windows(4).position(|w| w == b"QQQQ").unwrap();
+    bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
+    let err: JobError = decode_job(&bytes, &Limits::default()).unwrap_err().into();
+    assert_eq!(err.code, ErrorCode::InvalidInput);
+}
+
+#[test]
 fn oversized_payload_is_refused_before_parsing() {
     let limits = Limits {
         max_job_bytes: 16,

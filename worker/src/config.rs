@@ -2,6 +2,7 @@
 //! defaults, an optional TOML file and `JETINFER_*` environment variables
 //! (nested keys joined by `__`, e.g. `JETINFER_BATCH__MAX_INPUTS=16`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct WorkerConfig {
     pub batch: BatchConfig,
     pub pull: PullConfig,
     pub limits: Limits,
+    pub reply: ReplyConfig,
+    pub rate_limit: RateLimitConfig,
     pub retry: RetryConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -259,18 +262,59 @@ mod secs {
 }
 
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HttpConfig {
     pub addr: SocketAddr,
+    /// A file holding a bearer token that `/metrics` then requires
+    /// (`Authorization: Bearer <token>`); the probes stay open. Only the path
+    /// is ever shown, never the token.
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
+            metrics_token_file: None,
         }
     }
+}
+
+/// Reply-subject confinement: the subjects a job's result may be published
+/// to, as patterns in which `{tenant}` stands for the tenant of the job's
+/// subject. A job asking for anything else is dead-lettered with reason
+/// `forbidden_reply_subject` and nothing is published for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReplyConfig {
+    pub allow: Vec<String>,
+}
+
+impl Default for ReplyConfig {
+    fn default() -> Self {
+        Self {
+            allow: jetinfer_nats::subjects::default_reply_patterns(),
+        }
+    }
+}
+
+/// Per-tenant rate limits of this worker process: `default` for every tenant
+/// without an entry in `tenants`. A rate of 0 is no limit (the default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    pub default: TenantRate,
+    pub tenants: BTreeMap<String, TenantRate>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantRate {
+    /// Sustained jobs per second (fractions allowed); 0: unlimited.
+    pub jobs_per_second: f64,
+    /// Jobs accepted at once after a quiet spell; 0: one second's worth.
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,14 +2,14 @@
 //! `max_deliver` (it kept failing, or kept crashing workers), JetStream
 //! publishes a MAX_DELIVERIES advisory and leaves the message in the stream,
 //! undeliverable. This task turns each into a dead letter: it answers the
-//! job's reply subject with an `internal` error, stores the job in the
+//! job's reply subject (if the reply policy allows it) with an `internal` error, stores the job in the
 //! dead-letter stream with reason `max_deliveries`, then deletes it from the
 //! jobs stream. Workers share the advisory in a queue group, so one handles it.
 
 use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
-use jetinfer_nats::subjects;
+use jetinfer_nats::subjects::{self, ReplyPolicy};
 use jetinfer_schemas::{encode_result, headers, ErrorCode, JobError, JobResult};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ pub async fn run(
     client: async_nats::Client,
     stream: Stream,
     consumer: String,
+    reply: ReplyPolicy,
     shutdown: CancellationToken,
 ) {
     let stream_name = stream.cached_info().config.name.clone();
@@ -50,7 +51,7 @@ pub async fn run(
             tracing::warn!("unreadable max-deliveries advisory");
             continue;
         };
-        bury(&client, &js, &stream, advisory).await;
+        bury(&client, &js, &stream, &reply, advisory).await;
     }
 }
 
@@ -58,6 +59,7 @@ async fn bury(
     client: &async_nats::Client,
     js: &jetstream::Context,
     stream: &Stream,
+    reply: &ReplyPolicy,
     advisory: MaxDeliveries,
 ) {
     let message = match stream.get_raw_message(advisory.stream_seq).await {
@@ -90,7 +92,13 @@ async fn bury(
         tracing::error!(seq = advisory.stream_seq, error = %err, "exhausted job not moved to dead letters");
         return;
     }
-    if let Some(reply_to) = message.headers.get(headers::REPLY_TO) {
+    // The same reply policy as intake: a job that never got past it (its
+    // dead letter could not be stored) must not get a reply here either.
+    let reply_to = message
+        .headers
+        .get(headers::REPLY_TO)
+        .filter(|r| reply.check(&message.subject, r.as_str()).is_ok());
+    if let Some(reply_to) = reply_to {
         let result = JobResult::error(
             job_id.clone(),
             JobError::new(ErrorCode::Internal, detail.clone()),

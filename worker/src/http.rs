@@ -8,16 +8,26 @@
 //!
 //! The binary starts this first, so the endpoints answer during model load;
 //! [`Health`] is shared with the worker, which flips its flags.
+//!
+//! Hardening: the default address is loopback (`[http] addr`); every
+//! response carries `X-Content-Type-Options: nosniff` and
+//! `Cache-Control: no-store`; with `[http] metrics_token_file`, `/metrics`
+//! answers 401 unless the request carries `Authorization: Bearer <token>`
+//! (compared in constant time; the probes stay open for orchestrators).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use jetinfer_monitoring::PrometheusHandle;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -82,8 +92,55 @@ pub struct HttpServer {
     task: JoinHandle<()>,
 }
 
+/// The bearer token `/metrics` requires. Only its SHA-256 digest is kept, so
+/// the comparison takes the same time whatever the length or content of the
+/// token presented; `Debug` never shows it.
+#[derive(Clone)]
+pub struct MetricsToken {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(redacted)")
+    }
+}
+
+impl MetricsToken {
+    /// `None` for an empty token: an empty secret protects nothing.
+    pub fn new(token: &str) -> Option<Self> {
+        (!token.is_empty()).then(|| Self {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        })
+    }
+
+    /// Reads the token from `path`; surrounding whitespace (a trailing
+    /// newline) is not part of it.
+    pub fn from_file(path: &Path) -> Result<Self, HttpError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HttpError::TokenFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(text.trim()).ok_or_else(|| HttpError::EmptyToken {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(digest.ct_eq(&self.digest))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error("reading the metrics token from {path}: {source}; check [http] metrics_token_file (JETINFER_HTTP__METRICS_TOKEN_FILE)")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the metrics token file {path} is empty; put the token in it or unset [http] metrics_token_file")]
+    EmptyToken { path: PathBuf },
     #[error("binding the HTTP endpoint on {addr}: {source}; set [http] addr (JETINFER_HTTP__ADDR) to a free address")]
     Bind {
         addr: SocketAddr,
@@ -95,8 +152,30 @@ pub enum HttpError {
 
 impl HttpServer {
     /// Installs the metrics recorder and serves the endpoints on `addr`
-    /// (port 0 picks a free port; see `local_addr`).
+    /// (port 0 picks a free port; see `local_addr`), `/metrics` open.
     pub async fn start(addr: SocketAddr, health: Health) -> Result<Self, HttpError> {
+        Self::serve(addr, health, None).await
+    }
+
+    /// Serves as `config` says: its address, and its metrics token if any.
+    pub async fn from_config(
+        config: &crate::config::HttpConfig,
+        health: Health,
+    ) -> Result<Self, HttpError> {
+        let token = config
+            .metrics_token_file
+            .as_deref()
+            .map(MetricsToken::from_file)
+            .transpose()?;
+        Self::serve(config.addr, health, token).await
+    }
+
+    /// Serves on `addr`; with `token`, `/metrics` requires it.
+    pub async fn serve(
+        addr: SocketAddr,
+        health: Health,
+        token: Option<MetricsToken>,
+    ) -> Result<Self, HttpError> {
         let metrics = jetinfer_monitoring::install()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -104,11 +183,20 @@ impl HttpServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| HttpError::Bind { addr, source })?;
+        let guarded = token.is_some();
+        let mut metrics_route = get(metrics_text);
+        if let Some(token) = token {
+            metrics_route = metrics_route.route_layer(middleware::from_fn_with_state(
+                Arc::new(token),
+                require_token,
+            ));
+        }
         let app = Router::new()
-            .route("/metrics", get(metrics_text))
+            .route("/metrics", metrics_route)
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .with_state(AppState { health, metrics });
+            .with_state(AppState { health, metrics })
+            .layer(middleware::map_response(no_sniff_no_store));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -119,7 +207,7 @@ impl HttpServer {
                 tracing::error!(error = %err, "HTTP endpoint failed");
             }
         });
-        tracing::info!(addr = %local_addr, "serving /metrics, /healthz, /readyz");
+        tracing::info!(addr = %local_addr, metrics_token = guarded, "serving /metrics, /healthz, /readyz");
         Ok(Self {
             local_addr,
             shutdown,
@@ -131,6 +219,47 @@ impl HttpServer {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Every response: never sniffed as another content type, never cached.
+async fn no_sniff_no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// 401 unless the request carries `Authorization: Bearer <token>`.
+async fn require_token(
+    State(token): State<Arc<MetricsToken>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, credentials) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| credentials.trim())
+        });
+    match presented {
+        Some(presented) if token.accepts(presented) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"jetinfer-metrics\"",
+            )],
+            "a bearer token is required for /metrics\n",
+        )
+            .into_response(),
     }
 }
 

@@ -1,14 +1,17 @@
-//! The intake stage: pulls job messages from the model's consumer, decodes and
-//! validates them, tokenises their inputs off the runtime, and hands admitted
-//! jobs to the batcher. A job that can never succeed is answered here with a
-//! typed error and never reaches the model.
+//! The intake stage: pulls job messages from the model's consumer, screens
+//! them ([`screen`]: reply subject, size, decoding, limits, model, deadline),
+//! applies the tenant's rate limit, tokenises their inputs off the runtime,
+//! and hands admitted jobs to the batcher. A job that can never succeed is
+//! answered here with a typed error and never reaches the model.
 
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
 use futures::StreamExt;
-use jetinfer_nats::subjects;
+use jetinfer_nats::publish::valid_traceparent;
+use jetinfer_nats::subjects::{self, ForbiddenReply, ReplyPolicy};
 use jetinfer_schemas::{decode_job, headers, ErrorCode, Job, JobError, Limits, Truncation};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -19,6 +22,7 @@ use crate::backend::{Backend, Tokens};
 use crate::config::PullConfig;
 use crate::job::{expired, InFlightJob};
 use crate::publish::{deadline_error, Settler};
+use crate::rate_limit::TenantLimits;
 
 /// Pause before pulling again after a pull failed (e.g. while the server
 /// restarts).
@@ -31,6 +35,9 @@ pub struct Intake {
     pub limits: Limits,
     pub pull: PullConfig,
     pub settler: Settler,
+    /// Where results may go (reply-subject confinement).
+    pub reply: ReplyPolicy,
+    pub rates: TenantLimits,
 }
 
 impl Intake {
@@ -87,46 +94,56 @@ impl Intake {
         }
     }
 
-    /// Turns a message into an admitted job, or answers it and returns `None`.
+    /// Turns a message into an admitted job, or settles it and returns `None`.
     async fn admit(&self, message: Message) -> Option<InFlightJob> {
         let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
         jetinfer_monitoring::job_received(&self.model, delivery);
-        let reply_to = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::REPLY_TO))
-            .map(|v| v.as_str().to_string());
-        let header_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::MSG_ID))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default();
-
-        let job = match decode_job(&message.payload, &self.limits) {
-            Ok(job) => job,
-            Err(err) => {
+        let headers = JobHeaders::read(message.headers.as_ref());
+        let rules = Rules {
+            model: &self.model,
+            limits: &self.limits,
+            reply: &self.reply,
+        };
+        let screened = match screen(
+            &message.subject,
+            &headers,
+            &message.payload,
+            &rules,
+            OffsetDateTime::now_utc(),
+        ) {
+            Ok(screened) => screened,
+            Err(Refusal::ForbiddenReply(why)) => {
                 self.settler
-                    .give_up(&message, reply_to.as_deref(), &header_id, err.into(), true)
+                    .forbid_reply(&message, &headers.msg_id, &why)
+                    .await;
+                return None;
+            }
+            Err(Refusal::Error {
+                reply_to,
+                job_id,
+                error,
+            }) => {
+                // An expired job is late, not poison: no dead letter.
+                let keep = error.code != ErrorCode::DeadlineExceeded;
+                self.settler
+                    .give_up(&message, reply_to.as_deref(), &job_id, error, keep)
                     .await;
                 return None;
             }
         };
-        let Some(reply_to) = reply_to else {
-            let error = JobError::new(
-                ErrorCode::InvalidInput,
-                format!("job has no {} header: nobody to answer", headers::REPLY_TO),
+        let Screened {
+            job,
+            reply_to,
+            tenant,
+        } = screened;
+        if let Err(wait) = self.rates.check(&tenant) {
+            let error = JobError::rate_limited(
+                format!("tenant {tenant} is over its rate limit; submit again after the wait"),
+                wait,
             );
+            // Answered, so not a dead letter: retrying is the client's call.
             self.settler
-                .give_up(&message, None, &job.id, error, true)
-                .await;
-            return None;
-        };
-        if let Err(error) = self.check(&job, &message) {
-            // An expired job is late, not poison: no dead letter.
-            let keep = error.code != ErrorCode::DeadlineExceeded;
-            self.settler
-                .give_up(&message, Some(&reply_to), &job.id, error, keep)
+                .give_up(&message, Some(&reply_to), &job.id, error, false)
                 .await;
             return None;
         }
@@ -155,25 +172,6 @@ impl Intake {
             published,
             tokens,
         ))
-    }
-
-    /// Checks that need no tokenizer: limits, model, deadline.
-    fn check(&self, job: &Job, message: &Message) -> Result<(), JobError> {
-        job.validate(&self.limits)?;
-        let subject_model = subjects::parse_job(&message.subject).map(|(model, _)| model);
-        if job.model != self.model || subject_model != Some(self.model.as_str()) {
-            return Err(JobError::new(
-                ErrorCode::UnknownModel,
-                format!(
-                    "model {:?} is not served on this subject (this worker serves {:?})",
-                    job.model, self.model
-                ),
-            ));
-        }
-        if expired(job.deadline_unix_ms, OffsetDateTime::now_utc()) {
-            return Err(deadline_error());
-        }
-        Ok(())
     }
 
     /// Tokenises every input on a blocking thread.
@@ -205,18 +203,131 @@ impl Intake {
     }
 }
 
+/// The headers intake reads from a job message, whatever bytes they hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobHeaders {
+    /// Where the producer wants the result (`Jetinfer-Reply-To`), unchecked.
+    pub reply_to: Option<String>,
+    /// The job id JetStream de-duplicated on (`Nats-Msg-Id`), or empty.
+    pub msg_id: String,
+    /// The producer's W3C `traceparent`, only if well-formed: anything else
+    /// is dropped rather than carried into logs.
+    pub traceparent: Option<String>,
+}
+
+impl JobHeaders {
+    pub fn read(headers: Option<&HeaderMap>) -> Self {
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        Self {
+            reply_to: get(headers::REPLY_TO),
+            msg_id: get(headers::MSG_ID).unwrap_or_default(),
+            traceparent: get(headers::TRACEPARENT).filter(|t| valid_traceparent(t)),
+        }
+    }
+}
+
+/// What a job is checked against before any work is spent on it.
+pub struct Rules<'a> {
+    /// The one model this worker serves: the model allow-list.
+    pub model: &'a str,
+    pub limits: &'a Limits,
+    pub reply: &'a ReplyPolicy,
+}
+
+/// A job that passed every check that needs no tokenizer.
+#[derive(Debug)]
+pub struct Screened {
+    pub job: Job,
+    /// Allowed by the reply policy for `tenant`.
+    pub reply_to: String,
+    /// From the job's subject, never from its payload.
+    pub tenant: String,
+}
+
+/// Why a job is refused on arrival.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The reply subject is not allowed for the job's tenant: nothing may be
+    /// published for this job; it becomes a dead letter.
+    ForbiddenReply(ForbiddenReply),
+    /// A typed error, replied to `reply_to` when there is one (always an
+    /// allowed subject).
+    Error {
+        reply_to: Option<String>,
+        job_id: String,
+        error: JobError,
+    },
+}
+
+/// Every check before tokenisation, cheapest and most important first: the
+/// reply subject (so not even an error reply goes anywhere it should not),
+/// the message size (before decoding), decoding (MessagePack, UTF-8), the
+/// limits, the model allow-list, the deadline.
+pub fn screen(
+    subject: &str,
+    headers: &JobHeaders,
+    payload: &[u8],
+    rules: &Rules<'_>,
+    now: OffsetDateTime,
+) -> Result<Screened, Refusal> {
+    if let Some(reply_to) = &headers.reply_to {
+        rules
+            .reply
+            .check(subject, reply_to)
+            .map_err(Refusal::ForbiddenReply)?;
+    }
+    let refuse = |job_id: &str, error: JobError| Refusal::Error {
+        reply_to: headers.reply_to.clone(),
+        job_id: job_id.to_string(),
+        error,
+    };
+    let job = decode_job(payload, rules.limits).map_err(|e| refuse(&headers.msg_id, e.into()))?;
+    let Some(reply_to) = headers.reply_to.clone() else {
+        return Err(refuse(
+            &job.id,
+            JobError::new(
+                ErrorCode::InvalidInput,
+                format!("job has no {} header: nobody to answer", headers::REPLY_TO),
+            ),
+        ));
+    };
+    job.validate(rules.limits).map_err(|e| refuse(&job.id, e))?;
+    let parsed = subjects::parse_job(subject);
+    let subject_model = parsed.map(|(model, _)| model);
+    if job.model != rules.model || subject_model != Some(rules.model) {
+        return Err(refuse(
+            &job.id,
+            JobError::new(
+                ErrorCode::UnknownModel,
+                format!(
+                    "model {:?} is not served on this subject (this worker serves {:?})",
+                    job.model, rules.model
+                ),
+            ),
+        ));
+    }
+    if expired(job.deadline_unix_ms, now) {
+        return Err(refuse(&job.id, deadline_error()));
+    }
+    // The reply check passed, so the subject names a valid tenant.
+    let tenant = parsed.map(|(_, t)| t.to_string()).unwrap_or_default();
+    Ok(Screened {
+        job,
+        reply_to,
+        tenant,
+    })
+}
+
 /// The span a job's log lines carry from intake to its reply: its JetStream
 /// identity and the producer's `traceparent` (W3C trace context), if any, so
 /// logs join the caller's trace.
 fn job_span(message: &Message) -> tracing::Span {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_string())
-    };
-    let traceparent = header(headers::TRACEPARENT).unwrap_or_default();
+    let headers = JobHeaders::read(message.headers.as_ref());
+    let traceparent = headers.traceparent.unwrap_or_default();
     let trace_id = traceparent
         .split('-')
         .nth(1)
@@ -224,7 +335,7 @@ fn job_span(message: &Message) -> tracing::Span {
         .to_string();
     tracing::info_span!(
         "job",
-        id = %header(headers::MSG_ID).unwrap_or_default(),
+        id = %headers.msg_id,
         traceparent = %traceparent,
         trace_id = %trace_id,
     )

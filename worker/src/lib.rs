@@ -1,7 +1,8 @@
 //! The jetinfer worker. A job flows through four stages, one module each, in
 //! this order:
 //!
-//! 1. [`intake`]: pull from JetStream, decode, validate, tokenise;
+//! 1. [`intake`]: pull from JetStream, screen (reply subject, size, decoding,
+//!    limits, model), apply the tenant's [`rate_limit`], tokenise;
 //! 2. [`batch`]: form batches across jobs (inputs, padded tokens, max wait);
 //! 3. [`infer`]: run each batch through the [`backend::Backend`] on its own thread;
 //! 4. [`publish`]: reply on each job's reply subject, flush, then ack.
@@ -30,6 +31,7 @@ pub mod intake;
 pub mod job;
 pub mod publish;
 pub mod queue_depth;
+pub mod rate_limit;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +66,10 @@ pub enum WorkerError {
     Metrics(#[from] jetinfer_monitoring::InstallError),
     #[error("registering with the NATS Services API: {0}")]
     Discovery(async_nats::Error),
+    #[error("[reply] allow: {0}")]
+    ReplyPolicy(#[from] jetinfer_nats::subjects::ReplyPatternError),
+    #[error(transparent)]
+    RateLimit(#[from] rate_limit::RateLimitError),
 }
 
 /// Loads the backend `config` names.
@@ -124,6 +130,9 @@ impl Worker {
         backend: Arc<dyn Backend>,
         health: http::Health,
     ) -> Result<Self, WorkerError> {
+        // Refuse a bad policy before touching the queue.
+        let reply = jetinfer_nats::subjects::ReplyPolicy::new(&config.reply.allow)?;
+        let rates = rate_limit::TenantLimits::new(&config.rate_limit)?;
         jetinfer_monitoring::install()?;
         jetinfer_monitoring::register_model(&config.model.name);
         health.set_model_loaded(true);
@@ -181,6 +190,8 @@ impl Worker {
             limits: config.limits,
             pull: config.pull,
             settler: settler.clone(),
+            reply: reply.clone(),
+            rates,
         };
         let pipeline = vec![
             tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
@@ -210,6 +221,7 @@ impl Worker {
                 client,
                 stream,
                 consumer_name,
+                reply,
                 helpers_stop.clone(),
             )),
             tokio::spawn(queue_depth),

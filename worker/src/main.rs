@@ -50,7 +50,7 @@ async fn run() -> anyhow::Result<()> {
 
     // Serve /healthz first: a startup probe waits on it while the model loads.
     let health = Health::default();
-    let http = HttpServer::start(config.http.addr, health.clone()).await?;
+    let http = HttpServer::from_config(&config.http, health.clone()).await?;
     let model = config.model.clone();
     let backend = tokio::task::spawn_blocking(move || load_backend(&model))
         .await?

@@ -5,8 +5,10 @@
 //! - answered: result or error reply published and flushed, then acked (with
 //!   the double ack, so the worker knows JetStream took it);
 //! - retried: NAKed with a growing delay, for failures that may pass;
-//! - given up: error reply (when it has a reply subject), stored as a dead
-//!   letter with its reason, then terminated.
+//! - given up: error reply (when it has an allowed reply subject), stored as
+//!   a dead letter with its reason, then terminated. A job whose reply
+//!   subject the reply policy forbids gets no reply at all: dead letter
+//!   (`forbidden_reply_subject`), then terminated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use async_nats::jetstream::{self, AckKind, Message};
 use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::results;
+use jetinfer_nats::subjects::ForbiddenReply;
 use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -140,9 +143,13 @@ impl Settler {
     }
 
     /// Replies `error` (when there is a reply subject) and terminates the
-    /// message; with `dead_letter`, the job is first stored in the dead-letter
-    /// stream. If that store fails the message is NAKed instead, so the job is
-    /// never dropped without a trace.
+    /// message; with `keep`, the job is also stored in the dead-letter
+    /// stream. The reply is stored in the results stream and confirmed first;
+    /// if neither it nor a dead letter is kept, or the dead letter cannot be
+    /// stored, the message is NAKed instead: never dropped without a trace.
+    ///
+    /// `reply_to` must be a subject the reply policy allowed (intake screens
+    /// it before anything is published).
     pub async fn give_up(
         &self,
         message: &Message,
@@ -150,6 +157,37 @@ impl Settler {
         job_id: &str,
         error: JobError,
         keep: bool,
+    ) {
+        let burial = keep.then(|| {
+            let metric = if reply_to.is_some() {
+                error.code.as_str()
+            } else {
+                jetinfer_monitoring::REASON_NO_REPLY_SUBJECT
+            };
+            (error.code.as_str(), metric)
+        });
+        self.refuse(message, reply_to, job_id, &error, burial).await;
+    }
+
+    /// Buries a job whose reply subject the reply policy forbids: a dead
+    /// letter with reason `forbidden_reply_subject`, then terminated. Nothing
+    /// is published to the reply subject.
+    pub async fn forbid_reply(&self, message: &Message, job_id: &str, why: &ForbiddenReply) {
+        let error = JobError::new(ErrorCode::InvalidInput, why.to_string());
+        let reason = jetinfer_monitoring::REASON_FORBIDDEN_REPLY_SUBJECT;
+        tracing::warn!(job = job_id, subject = %message.subject, reason = %why, "reply subject forbidden");
+        self.refuse(message, None, job_id, &error, Some((reason, reason)))
+            .await;
+    }
+
+    /// `burial`: the dead-letter reason stored, and the one counted.
+    async fn refuse(
+        &self,
+        message: &Message,
+        reply_to: Option<&str>,
+        job_id: &str,
+        error: &JobError,
+        burial: Option<(&str, &str)>,
     ) {
         tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job refused");
         if reply_to.is_some() {
@@ -159,32 +197,37 @@ impl Settler {
                 since_stored(message),
             );
         }
-        if keep {
-            let reason = if reply_to.is_some() {
-                error.code.as_str()
-            } else {
-                jetinfer_monitoring::REASON_NO_REPLY_SUBJECT
-            };
-            jetinfer_monitoring::job_dead_lettered(&self.model, reason);
+        if let Some((_, metric)) = burial {
+            jetinfer_monitoring::job_dead_lettered(&self.model, metric);
         }
         if let Some(reply_to) = reply_to {
             let result = JobResult::error(job_id.to_string(), error.clone());
-            if let Err(err) = self
-                .client
-                .publish(reply_to.to_string(), encode_result(&result).into())
-                .await
-            {
-                tracing::warn!(job = job_id, error = %err, "publishing error reply failed");
+            let stored = results::publish(
+                &self.client,
+                &self.js,
+                reply_to,
+                encode_result(&result).into(),
+            )
+            .await;
+            if let Err(err) = stored {
+                if burial.is_none() {
+                    tracing::warn!(job = job_id, error = %err, "error reply not stored; retrying the job");
+                    let delay = self
+                        .retry
+                        .delay(message.info().map(|i| i.delivered).unwrap_or(1));
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    return;
+                }
+                tracing::warn!(job = job_id, error = %err, "publishing error reply failed; the dead letter keeps the job");
             }
-            let _ = self.client.flush().await;
         }
-        if keep {
+        if let Some((reason, _)) = burial {
             let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
             let letter = DeadLetter {
                 original_subject: &message.subject,
                 headers: message.headers.as_ref(),
                 payload: message.payload.clone(),
-                reason: error.code.as_str(),
+                reason,
                 detail: &error.message,
                 deliveries: delivered,
             };
