@@ -78,13 +78,14 @@ async fn reply_subject_injections_become_dead_letters_and_nothing_is_published_t
         "_INBOX.plain",
     ];
     // Listen where each would land: a literal subscription each, plus every
-    // results subject (which the wildcard injections would reach).
+    // results subject (which the wildcard injections would reach). Not
+    // `_INBOX.>`: JetStream's own answers and deliveries travel on inboxes.
     let mut watchers = Vec::new();
     for subject in [
         "$JS.API.STREAM.DELETE.JETINFER_JOBS",
         "jobs.minilm.x",
         "results.>",
-        "_INBOX.>",
+        "_INBOX.plain",
     ] {
         watchers.push((subject, nats.subscribe(subject).await.unwrap()));
     }
