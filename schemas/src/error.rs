@@ -25,6 +25,9 @@ pub enum ErrorCode {
     DeadlineExceeded,
     /// The worker failed; the job may succeed if retried.
     Internal,
+    /// The job's bulk run was cancelled (`jetinfer bulk cancel`) before the
+    /// job was computed.
+    Cancelled,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -42,6 +45,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => "unsupported_version",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Internal => "internal",
+            Self::Cancelled => "cancelled",
             Self::Unknown => "unknown",
         }
     }

@@ -15,7 +15,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use std::sync::atomic::AtomicBool;
+
 use crate::backend::{Backend, Tokens};
+use crate::cancel::{cancelled_error, Cancellations};
 use crate::config::PullConfig;
 use crate::job::{expired, InFlightJob};
 use crate::publish::{deadline_error, Settler};
@@ -31,6 +34,7 @@ pub struct Intake {
     pub limits: Limits,
     pub pull: PullConfig,
     pub settler: Settler,
+    pub cancellations: Arc<Cancellations>,
 }
 
 impl Intake {
@@ -130,6 +134,14 @@ impl Intake {
                 .await;
             return None;
         }
+        let cancel_flag = self.cancel_flag(&message);
+        if crate::cancel::is_cancelled(&cancel_flag) {
+            // Answered, not poison: no dead letter.
+            self.settler
+                .give_up(&message, Some(&reply_to), &job.id, cancelled_error(), false)
+                .await;
+            return None;
+        }
         let (key, delivered, published) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered, info.published),
             Err(_) => (0, 1, OffsetDateTime::now_utc()),
@@ -144,17 +156,28 @@ impl Intake {
                 return None;
             }
         };
-        Some(InFlightJob::new(
-            key,
-            delivered,
-            job.id,
-            job.options,
-            job.deadline_unix_ms,
-            reply_to,
-            message,
-            published,
-            tokens,
-        ))
+        Some(
+            InFlightJob::new(
+                key,
+                delivered,
+                job.id,
+                job.options,
+                job.deadline_unix_ms,
+                reply_to,
+                message,
+                published,
+                tokens,
+            )
+            .with_cancel_flag(cancel_flag),
+        )
+    }
+
+    /// The cancel flag of the bulk run the job belongs to, if it names one.
+    /// The tenant comes from the subject, never from the producer's header.
+    fn cancel_flag(&self, message: &Message) -> Option<Arc<AtomicBool>> {
+        let run = message.headers.as_ref()?.get(headers::BULK_RUN)?;
+        let (_, tenant) = subjects::parse_job(&message.subject)?;
+        Some(self.cancellations.flag(tenant, run.as_str()))
     }
 
     /// Checks that need no tokenizer: limits, model, deadline.
