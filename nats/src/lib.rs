@@ -7,8 +7,10 @@
 //! - [`publish`]: publishing a job with `Nats-Msg-Id` and awaiting its PubAck.
 //! - [`results`]: the durable results stream, publishing into it, catching up.
 //! - [`dead_letter`]: the dead-letter stream and storing a job that was given up.
+//! - [`bulk`]: the bucket of bulk runs' records and cancel marks.
 //! - `testing` (feature `testing`): a real `nats-server` on a free loopback port.
 
+pub mod bulk;
 mod config;
 mod connect;
 pub mod dead_letter;
@@ -23,5 +25,5 @@ pub use async_nats;
 pub use config::{Auth, ConsumerSettings, NatsConfig, StreamSettings, TlsConfig};
 pub use connect::{connect, connect_with_events, ConnectError};
 pub use provision::{provision_consumer, provision_stream, ProvisionError};
-pub use publish::{publish_job, publish_job_traced, PublishJobError};
+pub use publish::{publish_bulk_job, publish_job, publish_job_traced, PublishJobError};
 pub use subjects::{SubjectError, Tenant};

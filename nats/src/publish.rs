@@ -100,8 +100,36 @@ pub async fn publish_job_traced(
     reply_to: &str,
     traceparent: Option<&str>,
 ) -> Result<PublishAck, PublishJobError> {
+    publish(js, tenant, job, reply_to, traceparent, None).await
+}
+
+/// [`publish_job`] for a job of bulk run `run`: the run travels in the
+/// `Jetinfer-Bulk-Run` header, so workers can answer it `cancelled` once the
+/// run is cancelled.
+pub async fn publish_bulk_job(
+    js: &jetstream::Context,
+    tenant: &Tenant,
+    job: &Job,
+    reply_to: &str,
+    run: &str,
+) -> Result<PublishAck, PublishJobError> {
+    subjects::check_run_id(run)?;
+    publish(js, tenant, job, reply_to, None, Some(run)).await
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    tenant: &Tenant,
+    job: &Job,
+    reply_to: &str,
+    traceparent: Option<&str>,
+    bulk_run: Option<&str>,
+) -> Result<PublishAck, PublishJobError> {
     let subject = subjects::job(&job.model, tenant)?;
     let mut headers = HeaderMap::new();
+    if let Some(run) = bulk_run {
+        headers.insert(headers::BULK_RUN, run);
+    }
     headers.insert(headers::MSG_ID, job.id.as_str());
     headers.insert(headers::REPLY_TO, reply_to);
     let traceparent = match traceparent.filter(|t| valid_traceparent(t)) {

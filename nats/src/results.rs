@@ -133,3 +133,33 @@ pub async fn since(
         }
     }
 }
+
+/// Every result stored on `inbox`, oldest first, then each new one as it is
+/// stored, through an ordered consumer (it recreates itself after a gap or a
+/// reconnect). Also returns how many results were stored when it started:
+/// once the reader has seen a message whose `info().pending` is 0 (or at
+/// once, if this is 0), it has caught up with the stream.
+pub async fn follow(
+    js: &jetstream::Context,
+    inbox: &str,
+) -> Result<(u64, consumer::pull::Ordered), String> {
+    let stream = js
+        .get_stream(RESULTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: inbox.to_string(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let stored = consumer
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .num_pending;
+    let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    Ok((stored, messages))
+}

@@ -5,6 +5,9 @@
 //!   trust the subject, not the payload, for the tenant.
 //! - Results: `results.<tenant>.<client>`, a per-client inbox the producer
 //!   subscribes to; results are matched to jobs by the job id inside them.
+//!   A bulk run's inbox is `results.<tenant>.bulk-<run>`.
+//! - Bulk runs: keys `run.<tenant>.<run>` and `cancel.<tenant>.<run>` in the
+//!   `JETINFER_BULK` key-value bucket.
 
 use crate::config::DEFAULT_STREAM_NAME;
 
@@ -329,6 +332,61 @@ fn shown(subject: &str) -> String {
     format!("{text:?}")
 }
 
+/// Name of the key-value bucket holding bulk runs' records and cancel marks.
+pub const BULK_BUCKET: &str = "JETINFER_BULK";
+const BULK_RUN_KEY: &str = "run";
+const BULK_CANCEL_KEY: &str = "cancel";
+/// Longest bulk run id: a job id is `<run>:<custom_id>` and must fit in 128
+/// characters.
+pub const MAX_RUN_ID_LEN: usize = 26;
+
+/// Checks that `run` can name a bulk run: a single subject token of at most
+/// [`MAX_RUN_ID_LEN`] characters.
+pub fn check_run_id(run: &str) -> Result<(), SubjectError> {
+    check_token("bulk run id", run)?;
+    if run.len() > MAX_RUN_ID_LEN {
+        return Err(SubjectError {
+            what: "bulk run id (at most 26 characters)",
+            value: run.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// `results.<tenant>.bulk-<run>`: the inbox of a bulk run. Every invocation
+/// of the run uses it, so a resumed run finds the results stored meanwhile.
+pub fn bulk_inbox(tenant: &Tenant, run: &str) -> Result<String, SubjectError> {
+    check_run_id(run)?;
+    result_inbox(tenant, &format!("bulk-{run}"))
+}
+
+/// `run.<tenant>.<run>`: the key of a bulk run's record in [`BULK_BUCKET`].
+pub fn bulk_run_key(tenant: &Tenant, run: &str) -> Result<String, SubjectError> {
+    check_run_id(run)?;
+    Ok(format!("{BULK_RUN_KEY}.{tenant}.{run}"))
+}
+
+/// `cancel.<tenant>.<run>`: present in [`BULK_BUCKET`] once the run was
+/// cancelled.
+pub fn bulk_cancel_key(tenant: &Tenant, run: &str) -> Result<String, SubjectError> {
+    check_run_id(run)?;
+    Ok(format!("{BULK_CANCEL_KEY}.{tenant}.{run}"))
+}
+
+/// `cancel.>`: every cancel mark, what workers watch.
+pub fn all_bulk_cancels() -> String {
+    format!("{BULK_CANCEL_KEY}.>")
+}
+
+/// Tenant and run of a cancel-mark key, or `None` if it is not one.
+pub fn parse_bulk_cancel_key(key: &str) -> Option<(&str, &str)> {
+    let mut parts = key.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(BULK_CANCEL_KEY), Some(tenant), Some(run), None) => Some((tenant, run)),
+        _ => None,
+    }
+}
+
 /// Name of a model's durable pull consumer.
 pub fn consumer_name(model: &str) -> Result<String, SubjectError> {
     check_token("model", model)?;
@@ -404,6 +462,18 @@ mod tests {
             assert!(ReplyPolicy::new(&[bad.into()]).is_err(), "{bad:?} accepted");
         }
         assert!(ReplyPolicy::new(&[]).is_err());
+    }
+
+    #[test]
+    fn bulk_keys_round_trip_and_refuse_long_run_ids() {
+        let tenant = Tenant::new("acme").unwrap();
+        assert_eq!(bulk_inbox(&tenant, "r1").unwrap(), "results.acme.bulk-r1");
+        let key = bulk_cancel_key(&tenant, "r1").unwrap();
+        assert_eq!(parse_bulk_cancel_key(&key), Some(("acme", "r1")));
+        assert_eq!(parse_bulk_cancel_key("run.acme.r1"), None);
+        assert!(check_run_id(&"r".repeat(MAX_RUN_ID_LEN)).is_ok());
+        assert!(check_run_id(&"r".repeat(MAX_RUN_ID_LEN + 1)).is_err());
+        assert!(bulk_run_key(&tenant, "a.b").is_err());
     }
 
     #[test]

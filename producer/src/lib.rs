@@ -24,6 +24,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bulk;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

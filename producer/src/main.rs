@@ -1,8 +1,11 @@
 //! `jetinfer`: the command-line producer. `jetinfer embed "text" ...` submits
 //! one job with the given texts; without texts it reads stdin and submits one
 //! job per line. Results are printed as JSON lines (or a short summary).
+//! `jetinfer bulk` runs files through (`jetinfer_producer::bulk`), and
+//! `jetinfer dlq` inspects dead letters.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -45,6 +48,66 @@ enum Command {
     /// Inspect and replay dead letters: jobs given up on, with the reason.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Bulk runs: a JSONL file of texts in, a JSONL file of embeddings out,
+    /// resumable.
+    #[command(subcommand)]
+    Bulk(BulkCommand),
+}
+
+#[derive(Subcommand)]
+enum BulkCommand {
+    /// Submit every line of --input and write the results to --output.
+    /// Running the same command again resumes the run: lines with a result
+    /// are kept, only the rest is submitted.
+    Submit(BulkSubmitArgs),
+    /// Counts of a run: queued, done, failed, cancelled.
+    Status {
+        run: String,
+        /// Print the counts as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: its queued jobs are answered `cancelled`, not computed.
+    Cancel { run: String },
+}
+
+#[derive(Args)]
+struct BulkSubmitArgs {
+    /// JSONL input: {"custom_id": "...", "text": "..."} or "texts": [...],
+    /// optionally "model" and "options" per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// JSONL output: one line per input line with a result.
+    #[arg(long)]
+    output: PathBuf,
+    /// JSONL errors: refused lines (with their line number) and error replies.
+    /// Default: the output name with `.errors` before its extension.
+    #[arg(long)]
+    errors: Option<PathBuf>,
+    /// Run id (up to 26 of A-Z a-z 0-9 - _). Default: the id kept in
+    /// `<output>.run`, or a new one written there.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Model of lines that name none.
+    #[arg(long, default_value = "minilm")]
+    model: String,
+    /// Most jobs awaiting results at once.
+    #[arg(long, default_value_t = jetinfer_producer::bulk::DEFAULT_IN_FLIGHT)]
+    in_flight: usize,
+    /// Progress display: a bar on a terminal, plain lines otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    progress: ProgressArg,
+    /// Seconds between plain progress lines.
+    #[arg(long, default_value_t = 5.0)]
+    progress_every: f64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProgressArg {
+    Auto,
+    Bar,
+    Lines,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -120,11 +183,119 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 .context("connecting to NATS")?;
             embed(&client, args).await
         }
+        Command::Bulk(command) => bulk(&config, command).await,
         Command::Dlq(command) => {
             let nats = jetinfer_nats::connect(&config.nats).await?;
             dlq(&async_nats::jetstream::new(nats), command).await
         }
     }
+}
+
+/// `jetinfer bulk ...`. Submit prints its summary as one JSON object on
+/// stdout and exits 1 when any line ended in the error file or the run was
+/// cancelled.
+async fn bulk(
+    config: &ClientConfig,
+    command: BulkCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    use jetinfer_producer::bulk::{self, ProgressMode};
+    match command {
+        BulkCommand::Submit(args) => {
+            let every = Duration::from_secs_f64(args.progress_every.max(0.1));
+            let progress = match args.progress {
+                ProgressArg::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+                ProgressArg::Auto | ProgressArg::Lines => ProgressMode::Lines(every),
+                ProgressArg::Bar => ProgressMode::Bar,
+                ProgressArg::Off => ProgressMode::Off,
+            };
+            let options = bulk::SubmitOptions {
+                input: args.input,
+                output: args.output,
+                errors: args.errors,
+                run_id: args.run_id,
+                model: args.model,
+                in_flight: args.in_flight,
+                progress,
+            };
+            let errors = options
+                .errors
+                .clone()
+                .unwrap_or_else(|| bulk::errors_path(&options.output));
+            let summary = tokio::select! {
+                summary = bulk::submit(config, options) => summary?,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("jetinfer bulk: interrupted; run the same command again to resume");
+                    return Ok(std::process::ExitCode::from(130));
+                }
+            };
+            println!("{}", serde_json::to_string(&summary)?);
+            eprintln!(
+                "jetinfer bulk {}: {} lines: {} ok, {} failed, {} refused ({} already done, {} recovered from the results stream, {} submitted now); {:.1} s, {:.0} lines/s",
+                summary.run,
+                summary.lines,
+                summary.ok,
+                summary.failed,
+                summary.refused,
+                summary.already_done,
+                summary.recovered,
+                summary.submitted,
+                summary.seconds,
+                summary.lines_per_s,
+            );
+            if summary.cancelled {
+                eprintln!("jetinfer bulk {}: cancelled", summary.run);
+            }
+            if summary.failed + summary.refused > 0 {
+                eprintln!("jetinfer bulk {}: see {}", summary.run, errors.display());
+            }
+            let clean = !summary.cancelled && summary.failed + summary.refused == 0;
+            Ok(if clean {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+        BulkCommand::Status { run, json } => {
+            let status = bulk::status(config, &run).await?;
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        BulkCommand::Cancel { run } => {
+            let status = bulk::cancel(config, &run).await?;
+            println!("cancelled run {run}: its queued jobs will be answered `cancelled`");
+            print_status(&status);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_status(status: &jetinfer_producer::bulk::RunStatus) {
+    let or_unknown = |n: Option<u64>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
+    let state = match (&status.record, status.cancelled) {
+        (_, true) => "cancelled".to_string(),
+        (Some(record), false) => record.state.to_string(),
+        (None, false) => "no record (never submitted here, or aged out)".to_string(),
+    };
+    println!("run {}  state {state}", status.run);
+    if let Some(record) = &status.record {
+        println!(
+            "input {}  output {}  lines {}",
+            record.input, record.output, record.lines
+        );
+    }
+    println!(
+        "queued {}  done {}  failed {}  cancelled {}  refused {}  not submitted {}",
+        or_unknown(status.queued),
+        status.done,
+        status.failed,
+        status.cancelled_jobs,
+        or_unknown(status.refused),
+        or_unknown(status.not_submitted),
+    );
 }
 
 async fn dlq(

@@ -28,6 +28,9 @@ pub enum ErrorCode {
     /// The tenant sent jobs faster than its rate limit allows. The job was not
     /// run; submit it again after [`JobError::retry_after`].
     RateLimited,
+    /// The job's bulk run was cancelled (`jetinfer bulk cancel`) before the
+    /// job was computed.
+    Cancelled,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -46,6 +49,7 @@ impl ErrorCode {
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Internal => "internal",
             Self::RateLimited => "rate_limited",
+            Self::Cancelled => "cancelled",
             Self::Unknown => "unknown",
         }
     }

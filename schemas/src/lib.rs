@@ -33,4 +33,7 @@ pub mod headers {
     pub const MSG_ID: &str = "Nats-Msg-Id";
     /// W3C trace context of the submitting caller, carried into the worker's spans.
     pub const TRACEPARENT: &str = "traceparent";
+    /// The bulk run a job belongs to (`jetinfer bulk`); workers answer jobs
+    /// of a cancelled run `cancelled` instead of computing them.
+    pub const BULK_RUN: &str = "Jetinfer-Bulk-Run";
 }

@@ -17,7 +17,8 @@ pub struct Done {
     pub run: BatchRun,
     /// One outcome per item of `batch`, in order.
     pub embeddings: Vec<Result<Vec<f32>, BackendError>>,
-    /// Inputs left out because their job's deadline had passed.
+    /// Inputs left out because their job's deadline had passed or its bulk
+    /// run was cancelled ([`InFlightJob::stale`]).
     pub expired: Vec<Waiting<InFlightJob>>,
 }
 
@@ -33,11 +34,13 @@ pub fn spawn(
             let mut sequence = 0u64;
             while let Some(mut batch) = batches.blocking_recv() {
                 sequence += 1;
-                // Deadlines are checked again as the batch forms: no compute
-                // for an answer nobody will take.
+                // Deadlines and cancelled runs are checked again as the
+                // batch forms: no compute for an answer nobody will take.
                 let now = OffsetDateTime::now_utc();
-                let (live, expired): (Vec<_>, Vec<_>) =
-                    batch.items.into_iter().partition(|w| !w.job.expired(now));
+                let (live, expired): (Vec<_>, Vec<_>) = batch
+                    .items
+                    .into_iter()
+                    .partition(|w| w.job.stale(now).is_none());
                 batch.items = live;
                 let inputs: Vec<&[u32]> = batch
                     .items

@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use std::sync::atomic::AtomicBool;
+
 use crate::backend::{Backend, Tokens};
+use crate::cancel::{cancelled_error, Cancellations};
 use crate::config::PullConfig;
 use crate::job::{expired, InFlightJob};
 use crate::publish::{deadline_error, Settler};
@@ -38,6 +41,7 @@ pub struct Intake {
     /// Where results may go (reply-subject confinement).
     pub reply: ReplyPolicy,
     pub rates: TenantLimits,
+    pub cancellations: Arc<Cancellations>,
 }
 
 impl Intake {
@@ -136,6 +140,15 @@ impl Intake {
             reply_to,
             tenant,
         } = screened;
+        let cancel_flag = self.cancel_flag(&message);
+        if crate::cancel::is_cancelled(&cancel_flag) {
+            // Answered, not poison: no dead letter. Before the rate limit,
+            // so a cancelled run costs its tenant none of its rate.
+            self.settler
+                .give_up(&message, Some(&reply_to), &job.id, cancelled_error(), false)
+                .await;
+            return None;
+        }
         if let Err(wait) = self.rates.check(&tenant) {
             let error = JobError::rate_limited(
                 format!("tenant {tenant} is over its rate limit; submit again after the wait"),
@@ -161,17 +174,28 @@ impl Intake {
                 return None;
             }
         };
-        Some(InFlightJob::new(
-            key,
-            delivered,
-            job.id,
-            job.options,
-            job.deadline_unix_ms,
-            reply_to,
-            message,
-            published,
-            tokens,
-        ))
+        Some(
+            InFlightJob::new(
+                key,
+                delivered,
+                job.id,
+                job.options,
+                job.deadline_unix_ms,
+                reply_to,
+                message,
+                published,
+                tokens,
+            )
+            .with_cancel_flag(cancel_flag),
+        )
+    }
+
+    /// The cancel flag of the bulk run the job belongs to, if it names one.
+    /// The tenant comes from the subject, never from the producer's header.
+    fn cancel_flag(&self, message: &Message) -> Option<Arc<AtomicBool>> {
+        let run = message.headers.as_ref()?.get(headers::BULK_RUN)?;
+        let (_, tenant) = subjects::parse_job(&message.subject)?;
+        Some(self.cancellations.flag(tenant, run.as_str()))
     }
 
     /// Tokenises every input on a blocking thread.

@@ -3,11 +3,12 @@
 //! from batches, possibly several, possibly shared with other jobs.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use jetinfer_schemas::{Embeddings, JobOptions, ModelInfo, Timings};
+use jetinfer_schemas::{Embeddings, JobError, JobOptions, ModelInfo, Timings};
 use time::OffsetDateTime;
 
 use crate::backend::{l2_normalize, Tokens};
@@ -28,6 +29,8 @@ pub struct InFlightJob {
     pub tokens: Vec<Tokens>,
     /// Carries the producer's trace context into the reply's logs.
     pub span: tracing::Span,
+    /// Set once the job's bulk run is cancelled (`None`: not a bulk job).
+    pub cancelled: Option<Arc<AtomicBool>>,
     assembly: Mutex<Assembly>,
 }
 
@@ -81,6 +84,7 @@ impl InFlightJob {
             published,
             tokens,
             span: tracing::Span::none(),
+            cancelled: None,
             assembly: Mutex::new(assembly),
         }
     }
@@ -89,6 +93,24 @@ impl InFlightJob {
     pub fn with_span(mut self, span: tracing::Span) -> Self {
         self.span = span;
         self
+    }
+
+    /// The job with the cancel flag of its bulk run.
+    pub fn with_cancel_flag(mut self, flag: Option<Arc<AtomicBool>>) -> Self {
+        self.cancelled = flag;
+        self
+    }
+
+    /// Why the job should no longer be computed at `now`: its deadline passed
+    /// or its bulk run was cancelled.
+    pub fn stale(&self, now: OffsetDateTime) -> Option<JobError> {
+        if crate::cancel::is_cancelled(&self.cancelled) {
+            Some(crate::cancel::cancelled_error())
+        } else if self.expired(now) {
+            Some(crate::publish::deadline_error())
+        } else {
+            None
+        }
     }
 
     /// Records input `input`'s embedding; true when it was the job's last one.

@@ -10,6 +10,8 @@
 //! Every job ends settled through [`publish::Settler`]: answered and acked,
 //! NAKed for a retry, or given up (error reply, dead letter, terminated).
 //! [`exhausted`] buries jobs that reached `max_deliver`.
+//! [`cancel`] follows cancelled bulk runs, whose jobs are answered
+//! `cancelled` instead of computed.
 //!
 //! Shutdown flows the same way: cancelling stops intake, and each stage drains
 //! what it holds before the next one sees its input close. What is not done
@@ -22,6 +24,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod cancel;
 pub mod config;
 pub mod discovery;
 pub mod exhausted;
@@ -147,6 +150,12 @@ impl Worker {
             config.stream.replicas,
         )
         .await?;
+        let bulk = jetinfer_nats::bulk::provision(
+            &js,
+            config.stream.results_max_age,
+            config.stream.replicas,
+        )
+        .await?;
         let consumer =
             jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer)
                 .await?;
@@ -165,6 +174,7 @@ impl Worker {
         let shutdown = CancellationToken::new();
         let helpers_stop = CancellationToken::new();
         let ledger = Arc::new(Ledger::default());
+        let cancellations = Arc::new(cancel::Cancellations::default());
         let settler = Settler::new(
             client.clone(),
             config.model.name.clone(),
@@ -192,6 +202,7 @@ impl Worker {
             settler: settler.clone(),
             reply: reply.clone(),
             rates,
+            cancellations: Arc::clone(&cancellations),
         };
         let pipeline = vec![
             tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
@@ -225,6 +236,11 @@ impl Worker {
                 helpers_stop.clone(),
             )),
             tokio::spawn(queue_depth),
+            tokio::spawn(cancel::watch(
+                bulk,
+                Arc::clone(&cancellations),
+                helpers_stop.clone(),
+            )),
         ];
         let infer = infer::spawn(backend, batch_rx, done_tx);
         Ok(Self {

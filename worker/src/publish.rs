@@ -273,9 +273,11 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
         }
         for item in expired {
             if item.job.fail() {
-                settler
-                    .give_up_job(&item.job, deadline_error(), false)
-                    .await;
+                let error = item
+                    .job
+                    .stale(OffsetDateTime::now_utc())
+                    .unwrap_or_else(deadline_error);
+                settler.give_up_job(&item.job, error, false).await;
             }
         }
         let mut answered: Vec<(Arc<InFlightJob>, JobResult)> = Vec::new();
