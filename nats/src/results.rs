@@ -100,14 +100,9 @@ pub async fn since(
     // confines producers to `results.<tenant>.>` can then refuse a consumer
     // on another tenant's results. The name is the unguessable tail of a
     // fresh inbox.
-    let inbox_id = js.client().new_inbox();
-    let name = format!(
-        "catch-up-{}",
-        inbox_id.rsplit('.').next().unwrap_or_default()
-    );
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
-            name: Some(name),
+            name: Some(consumer_name(js, "catch-up")),
             filter_subject: inbox.to_string(),
             deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: since },
             ack_policy: consumer::AckPolicy::None,
@@ -134,6 +129,13 @@ pub async fn since(
     }
 }
 
+/// `<purpose>-<the unguessable tail of a fresh inbox>`: a consumer name
+/// nobody else can predict.
+fn consumer_name(js: &jetstream::Context, purpose: &str) -> String {
+    let inbox = js.client().new_inbox();
+    format!("{purpose}-{}", inbox.rsplit('.').next().unwrap_or_default())
+}
+
 /// Every result stored on `inbox`, oldest first, then each new one as it is
 /// stored, through an ordered consumer (it recreates itself after a gap or a
 /// reconnect). Also returns how many results were stored when it started:
@@ -147,8 +149,11 @@ pub async fn follow(
         .get_stream(RESULTS_STREAM)
         .await
         .map_err(|e| e.to_string())?;
+    // Named, as in `since`, so the filter is in the create request's subject
+    // where the server's permissions can confine it.
     let mut consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
+            name: Some(consumer_name(js, "follow")),
             filter_subject: inbox.to_string(),
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()

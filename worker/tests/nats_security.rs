@@ -22,7 +22,7 @@ use jetinfer_nats::{
     dead_letter, results, Auth, ConnectError, ConsumerSettings, NatsConfig, StreamSettings, Tenant,
     TlsConfig,
 };
-use jetinfer_producer::{Client, ClientConfig};
+use jetinfer_producer::{bulk, Client, ClientConfig};
 use jetinfer_schemas::{decode_result, encode_result, ErrorCode, Job, JobResult};
 use jetinfer_worker::backend::echo::EchoBackend;
 use jetinfer_worker::config::{BackendKind, BatchConfig};
@@ -266,6 +266,53 @@ async fn worker_and_producer_complete_jobs_under_the_shipped_permissions() {
         "dead letter stored"
     );
 
+    // A bulk run of acme's, its status, and its cancellation.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..20)
+        .map(|i| format!("{{\"custom_id\":\"doc-{i}\",\"text\":\"text {i}\"}}\n"))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let acme_config = ClientConfig {
+        nats: secured.nats("acme"),
+        tenant: "acme".into(),
+        timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    };
+    let summary = bulk::submit(
+        &acme_config,
+        bulk::SubmitOptions {
+            input,
+            output: dir.path().join("out.jsonl"),
+            errors: None,
+            run_id: None,
+            model: "minilm".into(),
+            in_flight: 8,
+            progress: bulk::ProgressMode::Off,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "acme's bulk run completes: {e}; {:#?}",
+            secured.violations()
+        )
+    });
+    assert_eq!((summary.ok, summary.failed), (20, 0));
+    let status = bulk::status(&acme_config, &summary.run)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "acme reads its run's status: {e}; {:#?}",
+                secured.violations()
+            )
+        });
+    assert_eq!(status.done, 20);
+    let cancelled = bulk::cancel(&acme_config, &summary.run)
+        .await
+        .unwrap_or_else(|e| panic!("acme cancels its own run: {e}; {:#?}", secured.violations()));
+    assert!(cancelled.cancelled);
+
     // Ops reads the queue: everything settled. And finds the worker through
     // the NATS Services API, which the worker answers.
     let mut stream = ops.js.get_stream("JETINFER_JOBS").await.unwrap();
@@ -464,6 +511,23 @@ async fn a_producer_cannot_read_another_tenants_results() {
         .await
         .unwrap();
     assert_eq!(own.len(), 1);
+
+    // Nor can globex cancel acme's bulk runs or read their records.
+    globex
+        .client
+        .publish("$KV.JETINFER_BULK.cancel.acme.r1", "cancelled".into())
+        .await
+        .unwrap();
+    globex.client.flush().await.unwrap();
+    globex.violation("$KV.JETINFER_BULK.cancel.acme.r1").await;
+    let direct_get = "$JS.API.DIRECT.GET.KV_JETINFER_BULK.$KV.JETINFER_BULK.run.acme.r1";
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        globex.client.request(direct_get, "".into()),
+    )
+    .await;
+    assert!(!matches!(answer, Ok(Ok(_))), "{direct_get} answered");
+    globex.violation(direct_get).await;
 }
 
 #[tokio::test]

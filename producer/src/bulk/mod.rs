@@ -300,10 +300,6 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
     if bulk::is_cancelled(&kv, &tenant, &run).await? {
         return Err(BulkError::Cancelled(run));
     }
-    let mut cancel_watch = kv
-        .watch(subjects::bulk_cancel_key(&tenant, &run)?)
-        .await
-        .map_err(|e| BulkStoreError::Kv(e.to_string()))?;
     let inbox = subjects::bulk_inbox(&tenant, &run)?;
     let (stored, mut results) = jetinfer_nats::results::follow(&js, &inbox)
         .await
@@ -363,7 +359,6 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
     let mut progress = progress::Progress::new(options.progress, &run, total, summary.already_done);
     let prefix = format!("{run}:");
     let mut refusals_open = true;
-    let mut watching = true;
     let mut submit_stats = None;
     let mut ticker = tokio::time::interval(TICK);
     let position = |s: &Summary| s.ok + s.failed + s.refused;
@@ -457,23 +452,18 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
                     Err(err) => break Err(err),
                 }
             }
-            mark = cancel_watch.next(), if watching => {
-                if mark.is_none() {
-                    tracing::warn!("the cancel watch ended; a cancel now stops only queued jobs");
-                    watching = false;
-                }
-                if let Some(Ok(entry)) = mark {
-                    if entry.operation == async_nats::jetstream::kv::Operation::Put {
-                        tracing::warn!(run = %run, "run cancelled: submitting no more lines");
-                        summary.cancelled = true;
-                        record.state = RunState::Cancelled;
-                        stop.cancel();
-                    }
-                }
-            }
             _ = ticker.tick() => {
                 if let Err(err) = files.flush() {
                     break Err(err);
+                }
+                // Polled by key rather than watched: a tenant's producer may
+                // read its own keys of the bucket, and a watch would need a
+                // consumer whose filter the server cannot confine.
+                if !summary.cancelled && matches!(bulk::is_cancelled(&kv, &tenant, &run).await, Ok(true)) {
+                    tracing::warn!(run = %run, "run cancelled: submitting no more lines");
+                    summary.cancelled = true;
+                    record.state = RunState::Cancelled;
+                    stop.cancel();
                 }
                 progress.update(position(&summary), summary.failed + summary.refused);
                 record.malformed = summary.refused;
