@@ -51,8 +51,8 @@ run() { # backend lines
     JETINFER_HTTP__ADDR="127.0.0.1:$(free_port)" "$bin/jetinfer-worker" >"$log" 2>&1 &
   local worker=$!
   pids+=($worker)
-  for _ in $(seq 1 600); do grep -q "worker consuming" "$log" && break; sleep 0.1; done
-  grep -q "worker consuming" "$log" || { cat "$log" >&2; exit 1; }
+  for _ in $(seq 1 600); do grep -qs "worker consuming" "$log" && break; sleep 0.1; done
+  grep -qs "worker consuming" "$log" || { cat "$log" >&2; exit 1; }
   make_input "$lines" "$work/in-$backend.jsonl"
   /usr/bin/time -v -o "$work/time-$backend.txt" "$bin/jetinfer" --nats-url "$url" bulk submit \
     --input "$work/in-$backend.jsonl" --output "$work/out-$backend.jsonl" --progress lines \
