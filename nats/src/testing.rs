@@ -175,6 +175,32 @@ fn log_path(store: &Path) -> PathBuf {
     store.join("nats-server.log")
 }
 
+/// Speaks the NATS protocol in plain text to the server on `port`, as a
+/// client without TLS would (connect, ping, publish): returns everything the
+/// server sent before it closed the connection. A TLS-only server sends its
+/// greeting and then hangs up without ever answering.
+pub fn plain_text_session(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The greeting (INFO) comes first, in plain text.
+    let n = socket.read(&mut buf).unwrap();
+    received.extend_from_slice(&buf[..n]);
+    let _ = socket
+        .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\nSUB x 1\r\nPUB x 2\r\nhi\r\nPING\r\n");
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
 /// Copies the nats-server config `name` from `from` into `to`, without its
 /// `store_dir` lines, and likewise every file it includes. nats-server reads
 /// an `include` relative to the including file, so the copies keep their

@@ -5,11 +5,10 @@
 //! TLS-only server refuses plain text and untrusted clients; mutual TLS works
 //! with certificates the test makes.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jetinfer_nats::testing::{NatsServer, TestPki};
+use jetinfer_nats::testing::{plain_text_session, NatsServer, TestPki};
 use jetinfer_nats::{connect, Auth, ConnectError, NatsConfig, TlsConfig};
 
 /// A server from `conf` (a config file body), and the directory it lives in.
@@ -172,29 +171,6 @@ fn tls_config(server: &NatsServer, tls: TlsConfig) -> NatsConfig {
         tls,
         ..config(server, Auth::None)
     }
-}
-
-/// Speaks the NATS protocol in plain text, as a client without TLS would:
-/// returns everything the server sent before it closed the connection.
-fn plain_text_session(port: u16) -> String {
-    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    // The greeting (INFO) comes first, in plain text.
-    let n = socket.read(&mut buf).unwrap();
-    received.extend_from_slice(&buf[..n]);
-    let _ = socket
-        .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\nSUB x 1\r\nPUB x 2\r\nhi\r\nPING\r\n");
-    loop {
-        match socket.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&received).into_owned()
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use jetinfer_nats::testing::{workspace_root, NatsServer, TestPki};
+use jetinfer_nats::testing::{plain_text_session, workspace_root, NatsServer, TestPki};
 use jetinfer_nats::{
     dead_letter, results, Auth, ConnectError, ConsumerSettings, NatsConfig, StreamSettings, Tenant,
     TlsConfig,
@@ -629,27 +629,6 @@ async fn ops_reads_queue_state_and_changes_nothing() {
     assert!(ops.js.delete_stream("JETINFER_DLQ").await.is_err());
     ops.violation("$JS.API.STREAM.DELETE.JETINFER_DLQ").await;
     assert!(ops.js.get_stream("JETINFER_DLQ").await.is_ok());
-}
-
-/// Speaks plain-text NATS: what the server sent before it hung up.
-fn plain_text_session(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let n = socket.read(&mut buf).unwrap();
-    received.extend_from_slice(&buf[..n]);
-    let _ = socket.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n");
-    loop {
-        match socket.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&received).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
