@@ -123,6 +123,35 @@ impl WireCounter {
     }
 }
 
+/// The jobs stream, its consumer and the results stream, for a failure
+/// message.
+async fn queue_state(js: &jetstream::Context) -> String {
+    let mut jobs = js.get_stream("JETINFER_JOBS").await.unwrap();
+    let jobs_state = jobs
+        .info()
+        .await
+        .map(|i| (i.state.clone(), i.cluster.clone()));
+    let consumer = jobs.consumer_info("worker-minilm").await.map(|c| {
+        format!(
+            "pending {} ack-pending {} redelivered {} delivered to seq {} ack floor seq {} cluster {:?}",
+            c.num_pending,
+            c.num_ack_pending,
+            c.num_redelivered,
+            c.delivered.stream_sequence,
+            c.ack_floor.stream_sequence,
+            c.cluster
+        )
+    });
+    let mut results = js.get_stream("JETINFER_RESULTS").await.unwrap();
+    let results_state = results
+        .info()
+        .await
+        .map(|i| (i.state.clone(), i.cluster.clone()));
+    format!(
+        "jobs stream: {jobs_state:?}\nconsumer: {consumer:?}\nresults stream: {results_state:?}"
+    )
+}
+
 async fn patient_client(server: &NatsServer) -> Client {
     Client::connect(ClientConfig {
         nats: nats_config(server),
@@ -367,8 +396,17 @@ async fn poison_jobs_become_dead_letters_and_every_good_job_is_answered() {
         );
         replied += 1;
     }
-    // All 100 are dead letters, each with its reason.
-    let letters = dead_letter::list(&js, 1000).await.unwrap();
+    // All 100 are dead letters, each with its reason. A job's error reply is
+    // sent before its dead letter is stored, and the 25 without a reply
+    // subject send none, so the last letters may still be on their way.
+    let waiting = std::time::Instant::now();
+    let letters = loop {
+        let letters = dead_letter::list(&js, 1000).await.unwrap();
+        if letters.len() >= 100 || waiting.elapsed() > PATIENCE {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(letters.len(), 100);
     let mut reasons: HashMap<String, usize> = HashMap::new();
     for letter in &letters {
@@ -607,11 +645,22 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
     };
     wait_until(&done, n / 4).await;
     cluster.kill(&leader);
-    finish_run(
-        run,
-        n,
-        &format!("cluster failover: jobs={n} killed_leader={leader}"),
-    )
-    .await;
+    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("cluster failover: jobs={n} killed_leader={leader} answered={ok}");
+    if !failed.is_empty() {
+        // Seen about once in ten runs under a loaded machine: say where the
+        // unanswered jobs are (still queued, delivered, or answered but not
+        // received) for whoever looks next.
+        panic!(
+            "{} jobs unanswered, first {:?}\n{}",
+            failed.len(),
+            &failed[..failed.len().min(3)],
+            queue_state(&js).await
+        );
+    }
+    assert_eq!(ok, n);
     worker.shutdown().await;
 }
