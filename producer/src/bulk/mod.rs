@@ -679,10 +679,20 @@ pub async fn status(config: &ClientConfig, run: &str) -> Result<RunStatus, BulkE
     let nats = jetinfer_nats::connect(&config.nats).await?;
     let js = jetstream::new(nats);
     let kv = bulk::bucket(&js).await?;
-    let record = bulk::get_record(&kv, &tenant, run).await?;
-    let cancelled = bulk::is_cancelled(&kv, &tenant, run).await?;
-    let inbox = subjects::bulk_inbox(&tenant, run)?;
-    let (stored, mut results) = jetinfer_nats::results::follow(&js, &inbox)
+    status_of(&js, &kv, &tenant, run).await
+}
+
+/// [`status`] over an open connection and bucket.
+async fn status_of(
+    js: &jetstream::Context,
+    kv: &async_nats::jetstream::kv::Store,
+    tenant: &Tenant,
+    run: &str,
+) -> Result<RunStatus, BulkError> {
+    let record = bulk::get_record(kv, tenant, run).await?;
+    let cancelled = bulk::is_cancelled(kv, tenant, run).await?;
+    let inbox = subjects::bulk_inbox(tenant, run)?;
+    let (stored, mut results) = jetinfer_nats::results::follow(js, &inbox)
         .await
         .map_err(BulkError::Results)?;
     let hasher = CustomIdHasher::default();
@@ -741,5 +751,5 @@ pub async fn cancel(config: &ClientConfig, run: &str) -> Result<RunStatus, BulkE
         record.state = RunState::Cancelled;
         write_record(&kv, &tenant, &mut record).await;
     }
-    status(config, run).await
+    status_of(&js, &kv, &tenant, run).await
 }
