@@ -2,55 +2,18 @@
 //! default, `nosniff` and `no-store` on every response, and an optional
 //! bearer token on `/metrics` that is never shown.
 
-use std::time::Duration;
+mod common;
 
+use common::observe::{http_request, HttpResponse};
 use jetinfer_worker::config::{HttpConfig, WorkerConfig};
 use jetinfer_worker::http::{Health, HttpServer, MetricsToken};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-struct Response {
-    status: u16,
-    head: String,
-    body: String,
+/// A GET to `addr` with optional extra header lines.
+async fn get(addr: std::net::SocketAddr, path: &str, extra: &str) -> HttpResponse {
+    http_request(&addr.to_string(), path, extra).await.unwrap()
 }
 
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-/// A GET over HTTP/1.0 with optional extra header lines.
-async fn get(addr: std::net::SocketAddr, path: &str, extra: &str) -> Response {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Response {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
-}
-
-fn assert_hardened(response: &Response, what: &str) {
+fn assert_hardened(response: &HttpResponse, what: &str) {
     assert_eq!(
         response.header("x-content-type-options"),
         Some("nosniff"),

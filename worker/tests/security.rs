@@ -43,6 +43,12 @@ async fn tenant_client(server: &NatsServer, tenant: &str) -> Client {
 }
 
 /// Waits until the dead-letter stream holds `count` letters, and returns them.
+/// How many messages `stream` holds.
+async fn stored(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
 async fn dead_letters(js: &jetstream::Context, count: usize) -> Vec<dead_letter::Stored> {
     let started = Instant::now();
     loop {
@@ -139,17 +145,9 @@ async fn reply_subject_injections_become_dead_letters_and_nothing_is_published_t
             "something was published on {subject}: {seen:?}"
         );
     }
-    let results = js
-        .get_stream("JETINFER_RESULTS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
     assert_eq!(
-        results, 0,
+        stored(&js, "JETINFER_RESULTS").await,
+        0,
         "a result was stored for a forbidden reply subject"
     );
 
@@ -296,17 +294,7 @@ async fn a_tenant_over_its_rate_gets_rate_limited_with_retry_after_and_others_ar
     // Rate-limited jobs were answered, so they are settled, not dead letters.
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
     assert!(dead_letter::list(&js, 100).await.unwrap().is_empty());
-    assert_eq!(
-        js.get_stream("JETINFER_JOBS")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    assert_eq!(stored(&js, "JETINFER_JOBS").await, 0);
     worker.shutdown().await;
 }
 

@@ -126,14 +126,38 @@ async fn wait_http_ok(daemon: &Daemon) {
     }
 }
 
-/// A GET over HTTP/1.0 (no chunking, server closes): status and body.
-pub async fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
+/// An HTTP response: status, header block and body.
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// A GET over HTTP/1.0 (no chunking, server closes), with `extra` header
+/// lines (each ending in CRLF), given at most 10 s.
+pub async fn http_request(addr: &str, path: &str, extra: &str) -> std::io::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 10 s"))??;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -141,7 +165,17 @@ pub async fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<(u16,
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    Ok((status, body.to_string()))
+    Ok(HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+/// A GET over HTTP/1.0: status and body.
+pub async fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    let response = http_request(addr, path_and_query, "").await?;
+    Ok((response.status, response.body))
 }
 
 pub fn url_encode(s: &str) -> String {
