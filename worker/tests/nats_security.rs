@@ -316,11 +316,7 @@ async fn worker_and_producer_complete_jobs_under_the_shipped_permissions() {
     // Ops reads the queue: everything settled. And finds the worker through
     // the NATS Services API, which the worker answers.
     let mut stream = ops.js.get_stream("JETINFER_JOBS").await.unwrap();
-    let consumer_info = stream.consumer_info("worker-minilm").await.unwrap();
-    assert_eq!(
-        (consumer_info.num_pending, consumer_info.num_ack_pending),
-        (0, 0)
-    );
+    assert_eq!(settled_state(&mut stream, "worker-minilm").await, (0, 0));
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
     let pong = ops
         .client

@@ -157,10 +157,7 @@ async fn reply_subject_injections_become_dead_letters_and_nothing_is_published_t
         .get_stream("JETINFER_JOBS")
         .await
         .expect("jobs stream still exists");
-    let mut consumer: jetstream::consumer::PullConsumer =
-        stream.get_consumer("worker-minilm").await.unwrap();
-    let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(settled_state(&mut stream, "worker-minilm").await, (0, 0));
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
     let ok = client(&server)
         .await

@@ -94,3 +94,22 @@ pub async fn publish_raw(
         .await
         .unwrap();
 }
+
+/// `(pending, ack-pending)` of `consumer` on `stream` once both are 0, or
+/// as they are after 10 s. A job's error reply goes out before its dead
+/// letter is stored and the job terminated, so a test that has seen every
+/// reply may still be a moment ahead of the last settlement.
+pub async fn settled_state(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    consumer: &str,
+) -> (u64, usize) {
+    let waiting = std::time::Instant::now();
+    loop {
+        let info = stream.consumer_info(consumer).await.unwrap();
+        let state = (info.num_pending, info.num_ack_pending);
+        if state == (0, 0) || waiting.elapsed() > Duration::from_secs(10) {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
