@@ -6,7 +6,9 @@
 //!     BENCH_TEXTS=1024 BENCH_BATCHES=8,32 BENCH_FORWARDS=packed,candle \
 //!         cargo bench -p jetinfer-worker --bench throughput
 //!
-//! `BENCH_FORWARDS` names the forward passes to compare (`model.forward`);
+//! `BENCH_FORWARDS` names the forward passes to compare (`model.forward`),
+//! the packed one optionally with its products (`model.matmul`):
+//! `packed` (auto), `packed:f32`, `packed:amx_bf16x3`, `packed:amx_bf16`, `candle`;
 //! `BENCH_ST_TEXTS_PER_S`, when set (scripts/bench-throughput.sh sets it from
 //! a sentence-transformers run on the same texts), adds the ratio to it.
 //!
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use jetinfer_bert::Matmul;
 use jetinfer_nats::testing::{workspace_root, NatsServer};
 use jetinfer_nats::NatsConfig;
 use jetinfer_producer::{Client, ClientConfig};
@@ -26,7 +29,7 @@ use jetinfer_worker::{load_backend, Worker};
 
 const DEFAULT_TEXTS: usize = 1024;
 const DEFAULT_BATCHES: &str = "8,32";
-const DEFAULT_FORWARDS: &str = "packed,candle";
+const DEFAULT_FORWARDS: &str = "packed,packed:f32,candle";
 /// Jobs in flight from the producer: enough to keep the worker saturated.
 const IN_FLIGHT: usize = 512;
 
@@ -122,13 +125,19 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(&corpus).expect("bench corpus")).unwrap();
     let texts: Vec<String> = texts.into_iter().take(n).collect();
 
-    let forwards: Vec<ForwardKind> = std::env::var("BENCH_FORWARDS")
+    let forwards: Vec<(ForwardKind, Matmul)> = std::env::var("BENCH_FORWARDS")
         .unwrap_or_else(|_| DEFAULT_FORWARDS.into())
         .split(',')
         .map(|f| match f.trim() {
-            "packed" => ForwardKind::Packed,
-            "candle" => ForwardKind::Candle,
-            other => panic!("BENCH_FORWARDS: unknown forward `{other}` (packed, candle)"),
+            "packed" => (ForwardKind::Packed, Matmul::Auto),
+            "packed:f32" => (ForwardKind::Packed, Matmul::F32),
+            "packed:amx_bf16x3" => (ForwardKind::Packed, Matmul::AmxBf16x3),
+            "packed:amx_bf16" => (ForwardKind::Packed, Matmul::AmxBf16),
+            "candle" => (ForwardKind::Candle, Matmul::Auto),
+            other => panic!(
+                "BENCH_FORWARDS: unknown forward `{other}` \
+                 (packed, packed:f32, packed:amx_bf16x3, packed:amx_bf16, candle)"
+            ),
         })
         .collect();
     let sentence_transformers: Option<f64> = std::env::var("BENCH_ST_TEXTS_PER_S")
@@ -140,7 +149,7 @@ fn main() {
         .unwrap();
 
     println!(
-        "jetinfer throughput: {} texts of bench_corpus.json, all-MiniLM-L6-v2 f32 on CPU",
+        "jetinfer throughput: {} texts of bench_corpus.json, all-MiniLM-L6-v2 on CPU",
         texts.len()
     );
     println!("machine: {}", machine());
@@ -150,13 +159,29 @@ fn main() {
     println!();
     println!("| forward | batch | direct texts/s | direct tokens/s | end-to-end texts/s | e2e / direct | e2e / sentence-transformers |");
     println!("|---|---|---|---|---|---|---|");
-    for forward in forwards {
+    for (forward, matmul) in forwards {
         let model = ModelConfig {
             path: workspace_root().join(".cache/models/all-MiniLM-L6-v2"),
             forward,
+            matmul,
             ..ModelConfig::default()
         };
-        let backend = load_backend(&model).expect("model loads (run scripts/setup.sh)");
+        let backend = match load_backend(&model) {
+            Ok(backend) => backend,
+            // AMX products on a CPU without them: say so and go on.
+            Err(e) if matmul != Matmul::Auto => {
+                println!("| {forward:?} {matmul:?} | - | not run: {e} | | | | |");
+                continue;
+            }
+            Err(e) => panic!("model loads (run scripts/setup.sh): {e}"),
+        };
+        let label = match (forward, matmul) {
+            (ForwardKind::Packed, Matmul::Auto) => {
+                format!("Packed ({:?})", Matmul::Auto.resolve())
+            }
+            (ForwardKind::Packed, matmul) => format!("Packed ({matmul:?})"),
+            (forward, _) => format!("{forward:?}"),
+        };
         // Warm-up: first forward passes pay for page faults and allocations.
         direct(backend.as_ref(), &texts[..texts.len().min(64)], 8);
         for &batch in &batches {
@@ -168,7 +193,7 @@ fn main() {
                 .map(|st| format!("{:.2}", e2e_rate / st))
                 .unwrap_or_else(|| "n/a".into());
             println!(
-                "| {forward:?} | {batch} | {direct_rate:.1} | {:.0} | {e2e_rate:.1} | {:.2} | {versus_st} |",
+                "| {label} | {batch} | {direct_rate:.1} | {:.0} | {e2e_rate:.1} | {:.2} | {versus_st} |",
                 tokens as f64 / secs,
                 e2e_rate / direct_rate
             );

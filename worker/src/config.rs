@@ -126,6 +126,11 @@ pub struct ModelConfig {
     pub cuda_ordinal: usize,
     /// Candle backend only: which forward pass runs the model.
     pub forward: ForwardKind,
+    /// Packed forward only: how its dense layers multiply. `auto` (AMX tiles
+    /// with split bf16 operands where the CPU has them, f32 accuracy; else
+    /// f32 on AVX-512/AVX2), `f32`, `amx`, or `amx_bf16` (reduced precision,
+    /// faster; see docs/benchmarks.md for its measured accuracy).
+    pub matmul: jetinfer_bert::Matmul,
     /// Echo backend only: simulated compute per padded token, in microseconds.
     pub echo_delay_per_token_us: u64,
 }
@@ -141,6 +146,7 @@ impl Default for ModelConfig {
             device: DeviceKind::Cpu,
             cuda_ordinal: 0,
             forward: ForwardKind::Auto,
+            matmul: jetinfer_bert::Matmul::Auto,
             echo_delay_per_token_us: 0,
         }
     }

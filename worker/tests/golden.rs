@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use futures::StreamExt;
+use jetinfer_bert::Matmul;
 use jetinfer_nats::testing::NatsServer;
 use jetinfer_schemas::Job;
 use jetinfer_worker::backend::l2_normalize;
@@ -31,7 +32,8 @@ fn golden() -> Golden {
     serde_json::from_str(&text).expect("golden file parses")
 }
 
-fn assert_matches(text: &str, got: &[f32], want: &[f32]) {
+/// Asserts the match and returns the cosine.
+fn assert_matches(text: &str, got: &[f32], want: &[f32]) -> f32 {
     let cos = cosine(got, want);
     assert!(
         cos >= MIN_COSINE,
@@ -43,6 +45,7 @@ fn assert_matches(text: &str, got: &[f32], want: &[f32]) {
         (norm - 1.0).abs() < 1e-4,
         "result is normalised, norm {norm}"
     );
+    cos
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,16 +138,29 @@ fn long_text_is_truncated_at_max_seq_length_not_the_tokenizers_128() {
     assert_eq!(backend.tokenize("hello").unwrap().ids.len(), 3);
 }
 
-/// Both forward passes, called directly with all golden texts in one mixed
+/// Every forward pass, called directly with all golden texts in one mixed
 /// batch and again one by one: the packed forward (the CPU default, which the
-/// end-to-end test above runs) and candle's stock padded one.
+/// end-to-end test above runs) with each kind of product this CPU has, and
+/// candle's stock padded one. Prints each one's lowest cosine: the measured
+/// accuracy docs/benchmarks.md quotes.
 #[test]
 fn each_forward_matches_reference_embeddings_in_one_batch_and_alone() {
     let golden = golden();
-    for forward in [ForwardKind::Packed, ForwardKind::Candle] {
+    let mut forwards = vec![
+        (ForwardKind::Packed, Matmul::F32),
+        (ForwardKind::Candle, Matmul::Auto),
+    ];
+    if Matmul::amx_available() {
+        forwards.push((ForwardKind::Packed, Matmul::AmxBf16x3));
+        forwards.push((ForwardKind::Packed, Matmul::AmxBf16));
+    } else {
+        eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
+    }
+    for (forward, matmul) in forwards {
         let config = jetinfer_worker::config::ModelConfig {
             path: model_dir(),
             forward,
+            matmul,
             ..Default::default()
         };
         let backend = load_backend(&config).expect("model loads");
@@ -156,12 +172,18 @@ fn each_forward_matches_reference_embeddings_in_one_batch_and_alone() {
             .collect();
         let batch: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
         let together = backend.embed(&batch).expect("batch embeds");
+        let mut lowest = 1.0f32;
         for (i, ids) in batch.iter().enumerate() {
             let alone = backend.embed(&[ids]).expect("text embeds");
             for mut got in [together[i].clone(), alone[0].clone()] {
                 l2_normalize(&mut got);
-                assert_matches(&golden.texts[i], &got, &golden.embeddings[i]);
+                lowest = lowest.min(assert_matches(
+                    &golden.texts[i],
+                    &got,
+                    &golden.embeddings[i],
+                ));
             }
         }
+        eprintln!("{forward:?} {matmul:?}: lowest cosine to the golden file {lowest}");
     }
 }

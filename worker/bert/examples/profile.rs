@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use jetinfer_bert::{Bert, Config, Pooling, StageTimes};
+use jetinfer_bert::{Bert, Config, Matmul, Pooling, StageTimes};
 
 const MAX_SEQ_LEN: usize = 256;
 
@@ -55,7 +55,14 @@ fn main() {
 
     let config: Config =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
-    let bert = Bert::load(&model.join("model.safetensors"), config).unwrap();
+    let matmul = match std::env::var("JETINFER_MATMUL").as_deref() {
+        Ok("f32") => Matmul::F32,
+        Ok("amx_bf16x3") => Matmul::AmxBf16x3,
+        Ok("amx_bf16") => Matmul::AmxBf16,
+        _ => Matmul::Auto,
+    };
+    let bert = Bert::load(&model.join("model.safetensors"), config, matmul).unwrap();
+    println!("products: {:?}", bert.matmul());
     println!(
         "{} texts, {total} tokens; {} rayon threads",
         tokens.len(),

@@ -4,6 +4,10 @@
 
 use gemm::Parallelism;
 
+#[cfg(target_arch = "x86_64")]
+use crate::amx;
+use crate::{LoadError, Matmul};
+
 /// A linear layer with its weight stored transposed once at load, `[in, out]`
 /// row-major, so the product streams through contiguous rows.
 pub(crate) struct Linear {
@@ -11,6 +15,9 @@ pub(crate) struct Linear {
     pub(crate) bias: Vec<f32>,
     pub(crate) inputs: usize,
     pub(crate) outputs: usize,
+    /// The weight packed for AMX tiles, when products run there.
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<amx::PackedWeight>,
 }
 
 impl Linear {
@@ -34,6 +41,8 @@ impl Linear {
             bias,
             inputs,
             outputs,
+            #[cfg(target_arch = "x86_64")]
+            tiles: None,
         }
     }
 
@@ -55,7 +64,45 @@ impl Linear {
             bias,
             inputs,
             outputs,
+            #[cfg(target_arch = "x86_64")]
+            tiles: None,
         }
+    }
+
+    /// Prepares the products `matmul` asks for (already resolved from
+    /// `Auto`): packs the weight for AMX tiles when they are asked for.
+    pub(crate) fn prepare(&mut self, matmul: Matmul) -> Result<(), LoadError> {
+        let split = match matmul {
+            Matmul::Auto | Matmul::F32 => return Ok(()),
+            #[cfg(target_arch = "x86_64")]
+            Matmul::AmxBf16x3 => amx::Split::Three,
+            #[cfg(target_arch = "x86_64")]
+            Matmul::AmxBf16 => amx::Split::One,
+            #[cfg(not(target_arch = "x86_64"))]
+            Matmul::AmxBf16x3 | Matmul::AmxBf16 => {
+                return Err(LoadError::Unsupported(format!(
+                    "{matmul:?} products off x86-64"
+                )))
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !amx::PackedWeight::fits(self.inputs, self.outputs) {
+                return Err(LoadError::Unsupported(format!(
+                    "AMX products of [{}, {}] (both must be multiples of 32)",
+                    self.inputs, self.outputs
+                )));
+            }
+            self.tiles = Some(amx::PackedWeight::new(
+                &self.weight,
+                self.inputs,
+                self.outputs,
+                split,
+            ));
+            // The f32 copy is no longer read.
+            self.weight = Vec::new();
+        }
+        Ok(())
     }
 
     /// `out = x W + b` for `rows` rows (`out` is overwritten).
@@ -79,6 +126,11 @@ impl Linear {
     fn accumulate(&self, x: &[f32], out: &mut [f32], rows: usize) {
         assert_eq!(x.len(), rows * self.inputs);
         assert_eq!(out.len(), rows * self.outputs);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.tiles {
+            tiles.accumulate(x, out, rows);
+            return;
+        }
         // SAFETY: the three buffers are row-major with the extents asserted
         // above, and `out` does not alias the inputs (distinct borrows).
         unsafe {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as CandleConfig};
-use jetinfer_bert::{Bert, Config, Pooling};
+use jetinfer_bert::{Bert, Config, Matmul, Pooling};
 use proptest::prelude::*;
 
 const CLS: u32 = 101;
@@ -35,8 +35,28 @@ fn config_json() -> String {
 }
 
 fn packed() -> Bert {
+    packed_with(Matmul::Auto)
+}
+
+fn packed_with(matmul: Matmul) -> Bert {
     let config: Config = serde_json::from_str(&config_json()).unwrap();
-    Bert::load(&model_dir().join("model.safetensors"), config).unwrap()
+    Bert::load(&model_dir().join("model.safetensors"), config, matmul).unwrap()
+}
+
+/// Every kind of product this machine can run, with the least cosine and
+/// the largest element difference each must keep against the reference.
+/// f32 products always; AMX ones where the CPU has them (a machine without
+/// says so, since then they cannot be checked here).
+fn products() -> Vec<(Matmul, f32, f32)> {
+    let mut products = vec![(Matmul::F32, 0.99999, 1e-3)];
+    if Matmul::amx_available() {
+        products.push((Matmul::AmxBf16x3, 0.99999, 1e-3));
+        // Reduced precision: held to the bound the project sets for outputs.
+        products.push((Matmul::AmxBf16, 0.9999, 2e-2));
+    } else {
+        eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
+    }
+    products
 }
 
 fn reference() -> BertModel {
@@ -99,34 +119,38 @@ fn batch() -> impl Strategy<Value = Vec<Vec<u32>>> {
 
 #[test]
 fn random_mixed_length_batches_match_candle_bert() {
-    let packed = packed();
     let reference = reference();
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 24,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    runner
-        .run(
-            &(
-                batch(),
-                prop_oneof![Just(Pooling::Mean), Just(Pooling::Cls)],
-            ),
-            |(batch, pooling)| {
-                let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
-                let got = packed.embed(&refs, pooling).unwrap();
-                let want = reference_embed(&reference, &batch, pooling);
-                prop_assert_eq!(got.len(), want.len());
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let c = cosine(g, w);
-                    let worst = g
-                        .iter()
-                        .zip(w)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
-                    prop_assert!(
-                        c >= 0.99999 && worst < 1e-3,
-                        "input {} of {} ({} tokens, {:?}): cosine {}, largest difference {}",
+    for (matmul, least_cosine, largest_difference) in products() {
+        let packed = packed_with(matmul);
+        let lowest = std::cell::Cell::new(1.0f32);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(
+                &(
+                    batch(),
+                    prop_oneof![Just(Pooling::Mean), Just(Pooling::Cls)],
+                ),
+                |(batch, pooling)| {
+                    let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+                    let got = packed.embed(&refs, pooling).unwrap();
+                    let want = reference_embed(&reference, &batch, pooling);
+                    prop_assert_eq!(got.len(), want.len());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let c = cosine(g, w);
+                        let worst = g
+                            .iter()
+                            .zip(w)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0f32, f32::max);
+                        lowest.set(lowest.get().min(c));
+                        prop_assert!(
+                        c >= least_cosine && worst < largest_difference,
+                        "{:?}: input {} of {} ({} tokens, {:?}): cosine {}, largest difference {}",
+                        matmul,
                         i,
                         batch.len(),
                         batch[i].len(),
@@ -134,11 +158,13 @@ fn random_mixed_length_batches_match_candle_bert() {
                         c,
                         worst
                     );
-                }
-                Ok(())
-            },
-        )
-        .unwrap();
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        eprintln!("{matmul:?}: lowest cosine {}", lowest.get());
+    }
 }
 
 #[test]
@@ -159,17 +185,19 @@ fn an_input_embeds_the_same_alone_and_in_any_batch() {
 
 #[test]
 fn the_longest_input_the_model_takes_matches_candle_bert() {
-    let packed = packed();
     let reference = reference();
-    let max = packed.config().max_position_embeddings;
-    let input: Vec<u32> = std::iter::once(CLS)
-        .chain((0..max as u32 - 2).map(|i| 1000 + i * 7))
-        .chain([SEP])
-        .collect();
-    let got = packed.embed(&[&input], Pooling::Mean).unwrap();
-    let want = reference_embed(&reference, &[input], Pooling::Mean);
-    let c = cosine(&got[0], &want[0]);
-    assert!(c >= 0.99999, "cosine {c}");
+    for (matmul, least_cosine, _) in products() {
+        let packed = packed_with(matmul);
+        let max = packed.config().max_position_embeddings;
+        let input: Vec<u32> = std::iter::once(CLS)
+            .chain((0..max as u32 - 2).map(|i| 1000 + i * 7))
+            .chain([SEP])
+            .collect();
+        let got = packed.embed(&[&input], Pooling::Mean).unwrap();
+        let want = reference_embed(&reference, &[input], Pooling::Mean);
+        let c = cosine(&got[0], &want[0]);
+        assert!(c >= least_cosine, "{matmul:?}: cosine {c}");
+    }
 }
 
 #[test]

@@ -111,6 +111,14 @@ impl CandleBackend {
         };
         let encoder =
             match (config.forward, config.device) {
+                (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda)
+                    if config.matmul != jetinfer_bert::Matmul::Auto =>
+                {
+                    return Err(load_err(
+                        dir,
+                        "model.matmul applies to the packed forward only: leave it `auto` with the candle forward",
+                    ))
+                }
                 (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda) => {
                     // SAFETY: the weights file is memory-mapped read-only and must
                     // not be modified while the worker runs, as with any mmapped model.
@@ -130,10 +138,10 @@ impl CandleBackend {
                 )),
                 (ForwardKind::Packed | ForwardKind::Auto, DeviceKind::Cpu) => {
                     let packed: jetinfer_bert::Config = read_json(&dir.join("config.json"))?;
-                    Encoder::Packed(
-                        jetinfer_bert::Bert::load(&weights, packed)
-                            .map_err(|e| load_err(&weights, e))?,
-                    )
+                    let bert = jetinfer_bert::Bert::load(&weights, packed, config.matmul)
+                        .map_err(|e| load_err(&weights, e))?;
+                    tracing::info!(products = ?bert.matmul(), "packed forward loaded");
+                    Encoder::Packed(bert)
                 }
             };
 
