@@ -11,9 +11,7 @@
 //! step on tiles it already holds where it can (10 tile loads for 12 tile
 //! products). [`Split::One`] is plain bf16, the reduced-precision option.
 //!
-//! Tile loads, not multiplies, bound these kernels (on this project's machine
-//! a 1 KiB tile load from L1 costs about as much as two or three tile products), so
-//! each step holds a 2 x 2 block of output tiles and orders loads to overlap
+//! Tile loads, not multiplies, bound these kernels, so each step holds a 2 x 2 block of output tiles and orders loads to overlap
 //! the products that do not need them.
 //!
 //! Linux hands out AMX state only to processes that ask for it
