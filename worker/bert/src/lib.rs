@@ -119,6 +119,22 @@ impl Matmul {
     }
 }
 
+/// Whether every dense product of this model has the widths AMX tiles take.
+fn tiles_fit(config: &Config) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (hidden, intermediate) = (config.hidden_size, config.intermediate_size);
+        amx::PackedWeight::fits(hidden, hidden)
+            && amx::PackedWeight::fits(hidden, intermediate)
+            && amx::PackedWeight::fits(intermediate, hidden)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = config;
+        false
+    }
+}
+
 /// How token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
@@ -318,7 +334,11 @@ impl Bert {
         config: Config,
         matmul: Matmul,
     ) -> Result<Self, LoadError> {
-        let matmul = matmul.resolve();
+        let matmul = match matmul.resolve() {
+            // `auto` falls back where the tiles cannot take the model's widths.
+            Matmul::AmxBf16 if matmul == Matmul::Auto && !tiles_fit(&config) => Matmul::F32,
+            resolved => resolved,
+        };
         if matches!(matmul, Matmul::AmxBf16x3 | Matmul::AmxBf16) && !Matmul::amx_available() {
             return Err(LoadError::Unsupported(format!(
                 "{matmul:?} products: this CPU or kernel offers no AMX"

@@ -72,36 +72,35 @@ impl Linear {
     /// Prepares the products `matmul` asks for (already resolved from
     /// `Auto`): packs the weight for AMX tiles when they are asked for.
     pub(crate) fn prepare(&mut self, matmul: Matmul) -> Result<(), LoadError> {
-        let split = match matmul {
-            Matmul::Auto | Matmul::F32 => return Ok(()),
+        match matmul {
+            Matmul::Auto | Matmul::F32 => Ok(()),
             #[cfg(target_arch = "x86_64")]
-            Matmul::AmxBf16x3 => amx::Split::Three,
+            Matmul::AmxBf16x3 => self.pack_for_tiles(amx::Split::Three),
             #[cfg(target_arch = "x86_64")]
-            Matmul::AmxBf16 => amx::Split::One,
+            Matmul::AmxBf16 => self.pack_for_tiles(amx::Split::One),
             #[cfg(not(target_arch = "x86_64"))]
-            Matmul::AmxBf16x3 | Matmul::AmxBf16 => {
-                return Err(LoadError::Unsupported(format!(
-                    "{matmul:?} products off x86-64"
-                )))
-            }
-        };
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !amx::PackedWeight::fits(self.inputs, self.outputs) {
-                return Err(LoadError::Unsupported(format!(
-                    "AMX products of [{}, {}] (both must be multiples of 32)",
-                    self.inputs, self.outputs
-                )));
-            }
-            self.tiles = Some(amx::PackedWeight::new(
-                &self.weight,
-                self.inputs,
-                self.outputs,
-                split,
-            ));
-            // The f32 copy is no longer read.
-            self.weight = Vec::new();
+            Matmul::AmxBf16x3 | Matmul::AmxBf16 => Err(LoadError::Unsupported(format!(
+                "{matmul:?} products: AMX exists on x86-64 only"
+            ))),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn pack_for_tiles(&mut self, split: amx::Split) -> Result<(), LoadError> {
+        if !amx::PackedWeight::fits(self.inputs, self.outputs) {
+            return Err(LoadError::Unsupported(format!(
+                "AMX products of [{}, {}] (both must be multiples of 32)",
+                self.inputs, self.outputs
+            )));
+        }
+        self.tiles = Some(amx::PackedWeight::new(
+            &self.weight,
+            self.inputs,
+            self.outputs,
+            split,
+        ));
+        // The f32 copy is no longer read.
+        self.weight = Vec::new();
         Ok(())
     }
 
