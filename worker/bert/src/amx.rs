@@ -8,7 +8,7 @@
 //! bf16, and `x w ~ hi_x hi_w + lo_x hi_w + hi_x lo_w` (the dropped
 //! `lo_x lo_w` is about 2^-18 of the product). Both operands are packed as
 //! `hi` tiles then `lo` tiles, and the kernel runs the three products of a
-//! step on tiles it already holds where it can (10 tile loads for 12 tile
+//! step on tiles it already holds where it can (9 tile loads for 12 tile
 //! products). [`Split::One`] is plain bf16, the reduced-precision option.
 //!
 //! Tile loads, not multiplies, bound these kernels, so each step holds a 2 x 2 block of output tiles and orders loads to overlap
@@ -397,7 +397,7 @@ unsafe fn block(
 
 /// [`block`] for split operands: `steps` steps of `hi` tiles, each followed
 /// `steps` tiles later by its `lo` tiles, in both A and B. Per step,
-/// `hi hi + lo hi + hi lo` in 12 tile products and 10 tile loads.
+/// `hi hi + hi lo + lo hi` in 12 tile products and 9 tile loads.
 ///
 /// # Safety
 /// As [`block`], with every pointer covering `2 x steps` tiles.
@@ -424,21 +424,20 @@ unsafe fn split_block(
             "tileloadd tmm5, [{a1} + {s}]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            // lo x hi: the B tiles stay
-            "tileloadd tmm4, [{a0l} + {s}]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1l} + {s}]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            // hi x lo
-            "tileloadd tmm4, [{a0} + {s}]",
-            "tileloadd tmm6, [{b0l} + {s}]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
+            // hi x lo: the A tiles stay, B's lo tiles take tmm7 in turn
+            "tileloadd tmm7, [{b0l} + {s}]",
+            "tdpbf16ps tmm0, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm7",
             "tileloadd tmm7, [{b1l} + {s}]",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s}]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // lo x hi: B's first hi tile is still in tmm6
+            "tileloadd tmm4, [{a0l} + {s}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a1l} + {s}]",
             "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm7, [{b1} + {s}]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a0 = in(reg) a0,
             a1 = in(reg) a1,
