@@ -129,15 +129,23 @@ impl PackedWeight {
         }
     }
 
-    /// `out += x W` for `rows` rows of row-major `x` (`[rows, k]`) and
-    /// `out` (`[rows, n]`). Call only when [`available`].
-    pub(crate) fn accumulate(&self, x: &[f32], out: &mut [f32], rows: usize) {
+    /// `out += f(x) W` for `rows` rows of row-major `x` (`[rows, k]`) and
+    /// `out` (`[rows, n]`), where `f` is `activation` applied to each row as
+    /// it is packed (identity when `None`): an element-wise activation costs
+    /// no pass of its own. Call only when [`available`].
+    pub(crate) fn accumulate(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        activation: Option<fn(&mut [f32])>,
+    ) {
         let k = self.k / self.split.parts();
         assert_eq!(x.len(), rows * k);
         assert_eq!(out.len(), rows * self.n);
         assert!(available(), "AMX products called without AMX");
         PACKED.with_borrow_mut(|packed| {
-            let a = pack_rows(x, rows, k, self.split, packed);
+            let a = pack_rows(x, rows, k, self.split, activation, packed);
             let out = Out(out.as_mut_ptr());
             let blocks = self.n / BLOCK;
             let threads = rayon::current_num_threads().clamp(1, blocks);
@@ -208,15 +216,16 @@ thread_local! {
     static PACKED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Packs `x` (`[rows, k]` f32) as bf16 tiles of the split inner dimension:
-/// for each 16 rows, for each 32-column step, one contiguous 16 x 32 tile,
-/// so every tile load reads 1 KiB in a row. Rows are rounded up to a whole
-/// block with zeros.
+/// Packs `activation(x)` (`x`: `[rows, k]` f32) as bf16 tiles of the split
+/// inner dimension: for each 16 rows, for each 32-column step, one
+/// contiguous 16 x 32 tile, so every tile load reads 1 KiB in a row. Rows
+/// are rounded up to a whole block with zeros.
 fn pack_rows<'a>(
     x: &[f32],
     rows: usize,
     k: usize,
     split: Split,
+    activation: Option<fn(&mut [f32])>,
     packed: &'a mut Vec<u16>,
 ) -> &'a [u16] {
     let kk = split.parts() * k;
@@ -228,16 +237,26 @@ fn pack_rows<'a>(
     packed
         .par_chunks_mut(TILE_ROWS * kk)
         .enumerate()
-        .for_each(|(group, tiles)| {
+        .for_each_init(Vec::new, |activated: &mut Vec<f32>, (group, tiles)| {
             for r in 0..TILE_ROWS {
                 let row = group * TILE_ROWS + r;
+                let mut values: &[f32] = &[];
+                if row < rows {
+                    values = &x[row * k..][..k];
+                    if let Some(activation) = activation {
+                        activated.clear();
+                        activated.extend_from_slice(values);
+                        activation(activated);
+                        values = activated;
+                    }
+                }
                 for step in 0..steps {
                     let dst = &mut tiles[step * TILE_ROWS * TILE_K + r * TILE_K..][..TILE_K];
                     if row >= rows {
                         dst.fill(0);
                         continue;
                     }
-                    let src = &x[row * k + (step % steps_per_part) * TILE_K..][..TILE_K];
+                    let src = &values[(step % steps_per_part) * TILE_K..][..TILE_K];
                     match (split, step / steps_per_part) {
                         (Split::Three, 1) => {
                             for (d, &v) in dst.iter_mut().zip(src) {
@@ -499,7 +518,7 @@ mod tests {
             for (split, tolerance) in [(Split::Three, 1e-4), (Split::One, 5e-2)] {
                 let packed = PackedWeight::new(&w, k, n, split);
                 let mut out = bias.clone();
-                packed.accumulate(&x, &mut out, rows);
+                packed.accumulate(&x, &mut out, rows, None);
                 let worst = out
                     .iter()
                     .zip(&expected)

@@ -6,7 +6,8 @@ use gemm::Parallelism;
 
 #[cfg(target_arch = "x86_64")]
 use crate::amx;
-use crate::{LoadError, Matmul};
+use crate::{kernels, LoadError, Matmul, ROWS_PER_TASK};
+use rayon::prelude::*;
 
 /// A linear layer with its weight stored transposed once at load, `[in, out]`
 /// row-major, so the product streams through contiguous rows.
@@ -114,12 +115,31 @@ impl Linear {
 
     /// `out += x W + b`: the residual connection is already in `out`.
     pub(crate) fn forward_residual(&self, x: &[f32], out: &mut [f32], rows: usize) {
+        self.add_bias(out);
+        self.accumulate(x, out, rows);
+    }
+
+    /// `out += gelu(x) W + b`, the residual already in `out`; `x` may be
+    /// overwritten. On tiles GELU runs as `x` is packed, with no pass of its
+    /// own.
+    pub(crate) fn forward_residual_gelu(&self, x: &mut [f32], out: &mut [f32], rows: usize) {
+        self.add_bias(out);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.tiles {
+            tiles.accumulate(x, out, rows, Some(kernels::gelu));
+            return;
+        }
+        x.par_chunks_mut(self.inputs * ROWS_PER_TASK)
+            .for_each(kernels::gelu);
+        self.accumulate(x, out, rows);
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
         for row in out.chunks_exact_mut(self.outputs) {
             for (o, b) in row.iter_mut().zip(&self.bias) {
                 *o += b;
             }
         }
-        self.accumulate(x, out, rows);
     }
 
     fn accumulate(&self, x: &[f32], out: &mut [f32], rows: usize) {
@@ -127,7 +147,7 @@ impl Linear {
         assert_eq!(out.len(), rows * self.outputs);
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = &self.tiles {
-            tiles.accumulate(x, out, rows);
+            tiles.accumulate(x, out, rows, None);
             return;
         }
         // SAFETY: the three buffers are row-major with the extents asserted
