@@ -112,22 +112,61 @@ type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
 /// Results are read back from a little before the disconnect was noticed.
 const CATCH_UP_MARGIN: time::Duration = time::Duration::seconds(10);
 
+/// How long a catch-up keeps retrying while JetStream elects leaders after
+/// a server loss: as long as a waiting job would wait by default.
+const CATCH_UP_FOR: Duration = Duration::from_secs(120);
+
+/// After the first read, the catch-up reads once more this much later: a
+/// result stored after that read but before the new subscription's interest
+/// reached the worker's server went to nobody.
+const CATCH_UP_SETTLE: Duration = Duration::from_secs(2);
+
 /// Routes every result stored for `inbox` since `since`: those published
 /// while the connection was down never reached the live subscription.
+///
+/// Runs as its own task: right after a server loss the JetStream API may not
+/// answer for seconds (a new meta leader), so reading is retried, and live
+/// results keep flowing meanwhile. Results routed twice are harmless: the
+/// second finds no waiter.
 async fn catch_up_results(
-    js: &jetstream::Context,
-    inbox: &str,
+    js: jetstream::Context,
+    inbox: String,
     since: time::OffsetDateTime,
-    routes: &Pending,
+    routes: Pending,
 ) {
-    match jetinfer_nats::results::since(js, inbox, since).await {
-        Ok(missed) => {
-            tracing::info!(results = missed.len(), "reconnected; caught up on results");
-            for payload in missed {
-                route(routes, &payload);
+    let read = || jetinfer_nats::results::since(&js, &inbox, since);
+    for pass in 0..2 {
+        if pass > 0 {
+            tokio::time::sleep(CATCH_UP_SETTLE).await;
+        }
+        let missed = read
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_total_delay(Some(CATCH_UP_FOR))
+                    .without_max_times(),
+            )
+            .notify(|err, after| {
+                tracing::debug!(error = %err, retry_in = ?after, "catching up on results: JetStream not answering yet");
+            })
+            .await;
+        match missed {
+            Ok(missed) => {
+                tracing::info!(
+                    results = missed.len(),
+                    pass,
+                    "reconnected; caught up on results"
+                );
+                for payload in missed {
+                    route(&routes, &payload);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "catching up on results failed");
+                return;
             }
         }
-        Err(err) => tracing::warn!(error = %err, "catching up on results failed"),
     }
 }
 
@@ -199,7 +238,12 @@ impl Client {
                         }
                         async_nats::Event::Connected => {
                             if let Some(since) = away_since.take() {
-                                catch_up_results(&catch_up.0, &catch_up.1, since - CATCH_UP_MARGIN, &routes).await;
+                                tokio::spawn(catch_up_results(
+                                    catch_up.0.clone(),
+                                    catch_up.1.clone(),
+                                    since - CATCH_UP_MARGIN,
+                                    Arc::clone(&routes),
+                                ));
                             }
                         }
                         _ => {}

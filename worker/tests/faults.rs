@@ -586,6 +586,11 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
+    // The client's reconnect and catch-up, shown only if the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("jetinfer_producer=debug,jetinfer_worker=info")
+        .with_test_writer()
+        .try_init();
     let mut cluster = jetinfer_nats::testing::NatsCluster::start(3);
     let nats = jetinfer_nats::NatsConfig {
         urls: cluster.urls(),
