@@ -262,11 +262,18 @@ pub fn register_model(model: &str) {
     gauge!(names::JOBS_IN_FLIGHT, "model" => model).set(0.0);
 }
 
-/// A model finished loading in `took`.
-pub fn model_loaded(model: &str, id: &str, revision: &str, took: Duration) {
+/// A model finished loading in `took`; `compute` says how it runs (device,
+/// forward pass, products).
+pub fn model_loaded(model: &str, id: &str, revision: &str, compute: &str, took: Duration) {
     register_model(model);
-    gauge!(names::MODEL_LOADED, "model" => model.to_string(), "model_id" => id.to_string(), "revision" => revision.to_string())
-        .set(1.0);
+    gauge!(
+        names::MODEL_LOADED,
+        "model" => model.to_string(),
+        "model_id" => id.to_string(),
+        "revision" => revision.to_string(),
+        "compute" => compute.to_string()
+    )
+    .set(1.0);
     gauge!(names::MODEL_LOAD_DURATION, "model" => model.to_string()).set(took.as_secs_f64());
 }
 

@@ -94,6 +94,7 @@ pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendErr
             &config.name,
             &b.info().id,
             &b.info().revision,
+            &b.compute(),
             clock.elapsed(),
         ),
         Err(_) => jetinfer_monitoring::model_load_failed(&config.name),

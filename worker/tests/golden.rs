@@ -165,6 +165,12 @@ fn each_forward_matches_reference_embeddings_in_one_batch_and_alone() {
         };
         let backend = load_backend(&config).expect("model loads");
         assert_eq!(backend.pads_batches(), forward == ForwardKind::Candle);
+        // What operators see in `jetinfer_model_loaded{compute=...}`.
+        let compute = match forward {
+            ForwardKind::Candle => "cpu candle f32".to_string(),
+            _ => format!("cpu packed {}", matmul.name()),
+        };
+        assert_eq!(backend.compute(), compute);
         let tokens: Vec<Vec<u32>> = golden
             .texts
             .iter()

@@ -122,6 +122,12 @@ async fn a_scraped_worker_feeds_every_dashboard_panel_and_rule_and_answers_servi
         .collect();
     assert!(exprs.len() >= 10, "recording rules loaded: {exprs:?}");
     exprs.extend(dashboard_exprs());
+    // Operators see how the model computes (a fallback to slower products
+    // shows here); this worker runs the echo backend.
+    exprs.push((
+        "the loaded model's compute label".to_string(),
+        r#"jetinfer_model_loaded{compute="echo"}"#.to_string(),
+    ));
 
     let started = Instant::now();
     let mut missing: Vec<(String, String)>;

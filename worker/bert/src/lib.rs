@@ -109,6 +109,16 @@ impl Matmul {
         return false;
     }
 
+    /// The name `model.matmul` takes: `auto`, `f32`, `amx_bf16x3`, `amx_bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Matmul::Auto => "auto",
+            Matmul::F32 => "f32",
+            Matmul::AmxBf16x3 => "amx_bf16x3",
+            Matmul::AmxBf16 => "amx_bf16",
+        }
+    }
+
     /// `Auto` made concrete for this machine; the others as they are.
     pub fn resolve(self) -> Matmul {
         match self {

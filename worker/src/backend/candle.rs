@@ -245,6 +245,14 @@ impl Backend for CandleBackend {
         &self.info
     }
 
+    fn compute(&self) -> String {
+        match &self.encoder {
+            Encoder::Packed(bert) => format!("cpu packed {}", bert.matmul().name()),
+            Encoder::Candle(_) if self.device.is_cuda() => "cuda candle f32".to_string(),
+            Encoder::Candle(_) => "cpu candle f32".to_string(),
+        }
+    }
+
     fn max_seq_len(&self) -> usize {
         self.max_seq_len
     }

@@ -79,6 +79,10 @@ impl Backend for EchoBackend {
         &self.info
     }
 
+    fn compute(&self) -> String {
+        "echo".to_string()
+    }
+
     fn max_seq_len(&self) -> usize {
         self.max_seq_len
     }

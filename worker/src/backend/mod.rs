@@ -31,6 +31,12 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
+    /// How the model computes, for operators (the `compute` label of
+    /// `jetinfer_model_loaded`): device, forward pass and products, e.g.
+    /// `cpu packed amx_bf16`. A worker that fell back to slower products
+    /// shows it here.
+    fn compute(&self) -> String;
+
     /// Longest input, in tokens, the model accepts.
     fn max_seq_len(&self) -> usize;
 
