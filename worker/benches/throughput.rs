@@ -128,16 +128,16 @@ fn main() {
     let forwards: Vec<(ForwardKind, Matmul)> = std::env::var("BENCH_FORWARDS")
         .unwrap_or_else(|_| DEFAULT_FORWARDS.into())
         .split(',')
-        .map(|f| match f.trim() {
-            "packed" => (ForwardKind::Packed, Matmul::Auto),
-            "packed:f32" => (ForwardKind::Packed, Matmul::F32),
-            "packed:amx_bf16x3" => (ForwardKind::Packed, Matmul::AmxBf16x3),
-            "packed:amx_bf16" => (ForwardKind::Packed, Matmul::AmxBf16),
-            "candle" => (ForwardKind::Candle, Matmul::Auto),
-            other => panic!(
-                "BENCH_FORWARDS: unknown forward `{other}` \
-                 (packed, packed:f32, packed:amx_bf16x3, packed:amx_bf16, candle)"
+        .map(|f| match f.trim().split_once(':') {
+            None if f.trim() == "packed" => (ForwardKind::Packed, Matmul::Auto),
+            None if f.trim() == "candle" => (ForwardKind::Candle, Matmul::Auto),
+            Some(("packed", matmul)) => (
+                ForwardKind::Packed,
+                matmul
+                    .parse()
+                    .unwrap_or_else(|e| panic!("BENCH_FORWARDS: {e}")),
             ),
+            _ => panic!("BENCH_FORWARDS: unknown forward `{f}` (packed, packed:<matmul>, candle)"),
         })
         .collect();
     let sentence_transformers: Option<f64> = std::env::var("BENCH_ST_TEXTS_PER_S")

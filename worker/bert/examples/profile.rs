@@ -55,12 +55,9 @@ fn main() {
 
     let config: Config =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
-    let matmul = match std::env::var("JETINFER_MATMUL").as_deref() {
-        Ok("f32") => Matmul::F32,
-        Ok("amx_bf16x3") => Matmul::AmxBf16x3,
-        Ok("amx_bf16") => Matmul::AmxBf16,
-        _ => Matmul::Auto,
-    };
+    let matmul: Matmul = std::env::var("JETINFER_MATMUL")
+        .map(|name| name.parse().unwrap())
+        .unwrap_or_default();
     let bert = Bert::load(&model.join("model.safetensors"), config, matmul).unwrap();
     println!("products: {:?}", bert.matmul());
     println!(

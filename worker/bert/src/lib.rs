@@ -119,6 +119,14 @@ impl Matmul {
         }
     }
 
+    /// Every kind, for parsing names.
+    pub const ALL: [Matmul; 4] = [
+        Matmul::Auto,
+        Matmul::F32,
+        Matmul::AmxBf16x3,
+        Matmul::AmxBf16,
+    ];
+
     /// `Auto` made concrete for this machine; the others as they are.
     pub fn resolve(self) -> Matmul {
         match self {
@@ -126,6 +134,21 @@ impl Matmul {
             Matmul::Auto => Matmul::F32,
             other => other,
         }
+    }
+}
+
+impl std::str::FromStr for Matmul {
+    type Err = String;
+
+    /// Parses the names [`Matmul::name`] gives.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Matmul::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Matmul::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown matmul `{name}` (one of {})", names.join(", "))
+            })
     }
 }
 
@@ -396,7 +419,7 @@ impl Bert {
         }
         let embedding_norm = w.layer_norm("embeddings.LayerNorm", hidden, eps)?;
 
-        let layers = (0..config.num_hidden_layers)
+        let mut layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
                 let qkv = Linear::concat(&[
@@ -431,7 +454,6 @@ impl Bert {
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
 
-        let mut layers = layers;
         for layer in &mut layers {
             for linear in [
                 &mut layer.qkv,

@@ -104,3 +104,15 @@ fn every_kind_of_product_embeds_a_model_of_other_widths_alike() {
         }
     }
 }
+
+#[test]
+fn every_matmul_name_reads_back_the_same_in_config_and_on_the_command_line() {
+    for matmul in Matmul::ALL {
+        let name = matmul.name();
+        assert_eq!(name.parse::<Matmul>(), Ok(matmul));
+        let from_config: Matmul = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+        assert_eq!(from_config, matmul);
+    }
+    let err = "amx".parse::<Matmul>().unwrap_err();
+    assert!(err.contains("auto, f32, amx_bf16x3, amx_bf16"), "{err}");
+}
