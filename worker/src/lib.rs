@@ -285,8 +285,12 @@ impl Worker {
         self.shutdown.cancelled().await;
         self.health.set_consumer_bound(false);
         if let Some(service) = self.service.take() {
-            if let Err(err) = service.stop().await {
-                tracing::warn!(error = %err, "leaving the NATS Services API failed");
+            match tokio::time::timeout(LAST_WORDS, service.stop()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "leaving the NATS Services API failed")
+                }
+                Err(_) => tracing::warn!("leaving the NATS Services API timed out"),
             }
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
@@ -294,7 +298,7 @@ impl Worker {
         // Intake ends within one pull expiry of the cancel, having admitted or
         // NAKed every message it was sent; only then is the ledger complete.
         if let Some(intake) = pipeline.next() {
-            let _ = intake.await;
+            let _ = tokio::time::timeout_at(deadline, intake).await;
         }
         let rest: Vec<_> = pipeline.collect();
         let drained = tokio::time::timeout_at(deadline, futures::future::join_all(rest)).await;
@@ -304,15 +308,25 @@ impl Worker {
                 jobs = left.len(),
                 "drain timeout: handing jobs back to the queue"
             );
-            for job in left {
-                self.settler.hand_back(&job).await;
+            let hand_back = async {
+                for job in &left {
+                    self.settler.hand_back(job).await;
+                }
+            };
+            if tokio::time::timeout(LAST_WORDS, hand_back).await.is_err() {
+                tracing::warn!("handing jobs back timed out; they return after ack_wait");
             }
         }
         self.helpers_stop.cancel();
         for task in self.helpers.drain(..) {
             let _ = task.await;
         }
-        self.settler.flush().await;
+        if tokio::time::timeout(LAST_WORDS, self.settler.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS took no final flush; unacked jobs return after ack_wait");
+        }
         if drained.is_ok() {
             if let Some(infer) = self.infer.take() {
                 let _ = tokio::task::spawn_blocking(move || infer.join()).await;
@@ -320,6 +334,12 @@ impl Worker {
         }
     }
 }
+
+/// How long each last exchange with NATS while stopping (leaving the
+/// Services API, handing jobs back, the final flush) may take: a server that
+/// is gone must not keep a stopping worker alive. Nothing is lost by giving
+/// up: an unacked job is redelivered after `ack_wait`.
+const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// Sends progress acks for every held job a few times per `ack_wait`, so jobs
 /// waiting behind a long backlog or a slow batch are not redelivered while

@@ -304,3 +304,21 @@ async fn a_resubmitted_job_id_is_answered_once() {
     assert!(matches!(err, SubmitError::Timeout { .. }), "{err}");
     worker.shutdown().await;
 }
+
+/// A worker told to stop after its server died still stops: nothing it says
+/// to NATS on the way out (leaving the Services API, the final flush) waits
+/// for a server that is gone. (`scripts/demo.sh` used to hang here when it
+/// stopped both at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_server_is_gone_still_stops() {
+    let server = NatsServer::start();
+    let worker = start_worker(
+        worker_config(&server, BackendKind::Echo, batch(8, 4096, 5)),
+        slow_echo(),
+    )
+    .await;
+    drop(server);
+    tokio::time::timeout(Duration::from_secs(120), worker.shutdown())
+        .await
+        .expect("the worker stopped although its server is gone");
+}
