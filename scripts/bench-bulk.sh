@@ -11,6 +11,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
 echo_lines=${1:-100000}
 candle_lines=${2:-10000}
 profile=${PROFILE:-dev}
@@ -22,7 +23,6 @@ cargo build --quiet --profile "$profile" -p jetinfer-worker -p jetinfer-producer
 bin="$root/target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
 
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
 url="nats://127.0.0.1:$port"
 pids=()
@@ -32,7 +32,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-.cache/bin/nats-server -a 127.0.0.1 -p "$port" -js -sd "$work/store" >"$work/nats.log" 2>&1 &
+start_nats "$port" "$work/store" "$work/nats.log"
 pids+=($!)
 
 make_input() { # lines path

@@ -14,6 +14,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
 backend=${1:-echo}
 profile=${PROFILE:-dev}
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
@@ -32,14 +33,11 @@ stop() {
 trap stop EXIT
 # A fresh server and worker per scenario: jobs an overloaded run left queued
 # (timed out on the client, still in the stream) must not slow the next one.
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 start() {
   port=$(free_port)
   http_port=$(free_port)
   store=$(mktemp -d)
-  .cache/bin/nats-server -a 127.0.0.1 -p "$port" -js -sd "$store" >/dev/null 2>&1 &
+  start_nats "$port" "$store" /dev/null
   nats_pid=$!
   sleep 1
   JETINFER_NATS__URLS="[\"nats://127.0.0.1:$port\"]" JETINFER_HTTP__ADDR="127.0.0.1:$http_port" \

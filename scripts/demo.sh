@@ -5,6 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
 
 bash scripts/setup.sh
 echo "demo: building (first time takes a few minutes)" >&2
@@ -12,7 +13,7 @@ cargo build --quiet --bins
 bin="$root/target/debug"
 
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 url="nats://127.0.0.1:$port"
 pids=()
 cleanup() {
@@ -22,7 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-.cache/bin/nats-server -a 127.0.0.1 -p "$port" -js -sd "$work/store" >"$work/nats.log" 2>&1 &
+start_nats "$port" "$work/store" "$work/nats.log"
 pids+=($!)
 echo "demo: nats-server with JetStream on $url" >&2
 
