@@ -298,7 +298,7 @@ impl Worker {
         // Intake ends within one pull expiry of the cancel, having admitted or
         // NAKed every message it was sent; only then is the ledger complete.
         if let Some(intake) = pipeline.next() {
-            let _ = tokio::time::timeout_at(deadline, intake).await;
+            let _ = intake.await;
         }
         let rest: Vec<_> = pipeline.collect();
         let drained = tokio::time::timeout_at(deadline, futures::future::join_all(rest)).await;
@@ -338,7 +338,8 @@ impl Worker {
 /// How long each last exchange with NATS while stopping (leaving the
 /// Services API, handing jobs back, the final flush) may take: a server that
 /// is gone must not keep a stopping worker alive. Nothing is lost by giving
-/// up: an unacked job is redelivered after `ack_wait`.
+/// up: an unacked job is redelivered after `ack_wait`. (Intake is not cut
+/// short: it ends within one pull expiry and must NAK all it was sent.)
 const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// Sends progress acks for every held job a few times per `ack_wait`, so jobs
