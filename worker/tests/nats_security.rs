@@ -11,13 +11,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use jetinfer_nats::testing::{plain_text_session, workspace_root, NatsServer, TestPki};
+use jetinfer_nats::testing::{plain_text_session, NatsServer, TestPki};
 use jetinfer_nats::{
     dead_letter, results, Auth, ConnectError, ConsumerSettings, NatsConfig, StreamSettings, Tenant,
     TlsConfig,
@@ -27,150 +27,8 @@ use jetinfer_schemas::{decode_result, encode_result, ErrorCode, Job, JobResult};
 use jetinfer_worker::backend::echo::EchoBackend;
 use jetinfer_worker::config::{BackendKind, BatchConfig};
 
+use common::secured::{seed_path, Observed, Secured};
 use common::*;
-
-/// The roles of `accounts.conf`: user name in tests, the environment
-/// variable its public key comes from, and its inbox prefix.
-const ROLES: [(&str, &str, &str); 4] = [
-    ("worker", "JETINFER_WORKER_NKEY", "_INBOX_worker"),
-    ("ops", "JETINFER_OPS_NKEY", "_INBOX_ops"),
-    ("acme", "JETINFER_PRODUCER_ACME_NKEY", "_INBOX_acme"),
-    ("globex", "JETINFER_PRODUCER_GLOBEX_NKEY", "_INBOX_globex"),
-];
-
-/// A server running a shipped config, and each role's seed file.
-struct Secured {
-    server: NatsServer,
-    seeds: tempfile::TempDir,
-    tls: Option<TlsConfig>,
-}
-
-impl Secured {
-    /// `deploy/nats/nats-secure.conf` as shipped.
-    fn start() -> Self {
-        let config = workspace_root().join("deploy/nats/nats-secure.conf");
-        Self::start_with(&config, None)
-    }
-
-    /// `deploy/nats/nats-tls.conf`, its certificate paths pointed at `pki`
-    /// (the config files are copied, with only those paths changed).
-    fn start_tls(pki: &TestPki, dir: &Path) -> Self {
-        for entry in std::fs::read_dir(workspace_root().join("deploy/nats")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "conf") {
-                let text = std::fs::read_to_string(&path)
-                    .unwrap()
-                    .replace("/etc/nats/tls/", &format!("{}/", pki.dir().display()));
-                std::fs::write(dir.join(path.file_name().unwrap()), text).unwrap();
-            }
-        }
-        let tls = TlsConfig {
-            required: true,
-            ca_file: Some(pki.ca_cert.clone()),
-            cert_file: Some(pki.client_cert.clone()),
-            key_file: Some(pki.client_key.clone()),
-            handshake_first: false,
-        };
-        Self::start_with(&dir.join("nats-tls.conf"), Some(tls))
-    }
-
-    fn start_with(config: &Path, tls: Option<TlsConfig>) -> Self {
-        let seeds = tempfile::tempdir().unwrap();
-        let mut env = Vec::new();
-        for (role, var, _) in ROLES {
-            let key = nkeys::KeyPair::new_user();
-            std::fs::write(seed_path(seeds.path(), role), key.seed().unwrap()).unwrap();
-            env.push((var, key.public_key()));
-        }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Self {
-            server: NatsServer::start_with_config(config, &env),
-            seeds,
-            tls,
-        }
-    }
-
-    /// How `role` connects: its NKey seed file and its own inbox prefix.
-    fn nats(&self, role: &str) -> NatsConfig {
-        let (_, _, inbox) = ROLES.iter().find(|r| r.0 == role).expect("known role");
-        NatsConfig {
-            urls: vec![self.server.url()],
-            name: format!("test-{role}"),
-            startup_retry_for: Duration::from_secs(5),
-            auth: Auth::Nkey {
-                seed_file: seed_path(self.seeds.path(), role),
-            },
-            tls: self.tls.clone().unwrap_or_default(),
-            inbox_prefix: inbox.to_string(),
-            ..NatsConfig::default()
-        }
-    }
-
-    async fn connect(&self, role: &str) -> Observed {
-        Observed::connect(&self.nats(role)).await
-    }
-
-    /// Every permissions violation the server logged.
-    fn violations(&self) -> Vec<String> {
-        self.server
-            .log()
-            .lines()
-            .filter(|l| l.contains("Violation"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-fn seed_path(dir: &Path, role: &str) -> PathBuf {
-    dir.join(format!("{role}.nk"))
-}
-
-/// A connection that records the errors the server sends it.
-struct Observed {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    errors: Arc<Mutex<Vec<String>>>,
-}
-
-impl Observed {
-    async fn connect(config: &NatsConfig) -> Self {
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&errors);
-        let client = jetinfer_nats::connect_with_events(config, move |event| {
-            if let async_nats::Event::ServerError(err) = event {
-                sink.lock().unwrap().push(err.to_string());
-            }
-        })
-        .await
-        .expect("role connects");
-        let mut js = jetstream::new(client.clone());
-        // A refused API request gets no answer: do not wait the default 5 s.
-        js.set_timeout(Duration::from_secs(2));
-        Self { client, js, errors }
-    }
-
-    /// Waits for the server to report a permissions violation on `subject`
-    /// to this connection, and returns its text.
-    async fn violation(&self, subject: &str) -> String {
-        let wanted = format!("\"{subject}\"");
-        for _ in 0..100 {
-            if let Some(found) = self
-                .errors
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|e| e.contains("Permissions Violation") && e.contains(&wanted))
-            {
-                return found.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "no permissions violation for {subject}; the server said: {:?}",
-            self.errors.lock().unwrap()
-        );
-    }
-}
 
 /// Streams and the minilm consumer, provisioned the way a worker does it,
 /// as the worker role.
