@@ -41,7 +41,8 @@ impl RawResponder {
     pub async fn start(nats: &NatsConfig, model: &str) -> Result<Self, RawError> {
         let client = jetinfer_nats::connect(nats).await?;
         let js = jetstream::new(client.clone());
-        let stream = jetinfer_nats::provision_stream(&js, &StreamSettings::default()).await?;
+        let stream =
+            jetinfer_nats::provision_stream(&js, &StreamSettings::default(), model).await?;
         let consumer =
             jetinfer_nats::provision_consumer(&stream, model, &ConsumerSettings::default()).await?;
         let info = ModelInfo {

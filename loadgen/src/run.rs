@@ -55,6 +55,7 @@ pub fn error_kind(err: &SubmitError) -> &'static str {
         SubmitError::Subject(_) => "invalid_subject",
         SubmitError::Connect(_) => "connect",
         SubmitError::Subscribe(_) => "subscribe",
+        SubmitError::Provision(_) => "provision",
     }
 }
 

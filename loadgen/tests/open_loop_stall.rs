@@ -27,7 +27,7 @@ async fn stalling_responder(server: &NatsServer) -> tokio::task::JoinHandle<()> 
         .await
         .unwrap();
     let js = jetstream::new(client.clone());
-    let stream = jetinfer_nats::provision_stream(&js, &StreamSettings::default())
+    let stream = jetinfer_nats::provision_stream(&js, &StreamSettings::default(), "minilm")
         .await
         .unwrap();
     let consumer =

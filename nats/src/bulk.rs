@@ -1,9 +1,14 @@
-//! Bulk runs' shared state: the `JETINFER_BULK` key-value bucket. It holds
-//! one record per run (`run.<tenant>.<run>`: line counts and state, written
-//! by the submitting process, read by `jetinfer bulk status`) and a cancel
-//! mark per cancelled run (`cancel.<tenant>.<run>`), which workers watch:
-//! a job whose `Jetinfer-Bulk-Run` header names a cancelled run is answered
-//! `cancelled` instead of being computed.
+//! Bulk runs' state. The `JETINFER_BULK` key-value bucket, in the tenant's
+//! own account (its producers make it when it is missing), holds one record
+//! per run (`run.<tenant>.<run>`: line counts and state, written by the
+//! submitting process, read by `jetinfer bulk status`) and a cancel mark per
+//! cancelled run (`cancel.<tenant>.<run>`), which the run's submitter polls.
+//! Workers cannot read a tenant's bucket: cancelling a run also publishes a
+//! notice on `cancels.<tenant>` into the workers' `JETINFER_CANCELS` stream,
+//! which they follow ([`follow_cancels`]): a job whose `Jetinfer-Bulk-Run`
+//! header names a cancelled run is answered `cancelled` instead of being
+//! computed. That stream keeps at most [`MAX_CANCELS_PER_TENANT`] notices per
+//! tenant (one subject each), so no tenant can grow it without bound.
 //!
 //! The results themselves are not here: they are in the results stream on
 //! the run's inbox `results.<tenant>.bulk-<run>` (see [`crate::results`]).
@@ -15,7 +20,16 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::provision::ProvisionError;
-use crate::subjects::{self, SubjectError, Tenant, BULK_BUCKET};
+use crate::subjects::{self, SubjectError, Tenant, BULK_BUCKET, CANCELS_STREAM};
+
+/// Cancel notices kept per tenant: past it, a tenant's oldest notices make
+/// way for its newest (a run cancelled that long ago has no queued jobs
+/// left in any reasonable deployment), never another tenant's.
+pub const MAX_CANCELS_PER_TENANT: i64 = 1024;
+/// Largest cancel notice stored: a run id and nothing else.
+const MAX_CANCEL_NOTICE_BYTES: i32 = 64;
+/// Largest value in the bucket (a run record is a few hundred bytes).
+const MAX_BUCKET_VALUE_BYTES: i32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BulkStoreError {
@@ -27,6 +41,8 @@ pub enum BulkStoreError {
     NoBucket,
     #[error("bulk bucket: {0}")]
     Kv(String),
+    #[error("announcing the cancel to workers: {0}")]
+    Notice(String),
     #[error("run record {key} is not readable: {source}")]
     Decode {
         key: String,
@@ -88,6 +104,7 @@ pub async fn provision(
         description: "jetinfer bulk runs: records and cancel marks".to_string(),
         history: 1,
         max_age,
+        max_value_size: MAX_BUCKET_VALUE_BYTES,
         storage: jetstream::stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
@@ -99,7 +116,7 @@ pub async fn provision(
     })
 }
 
-/// The bucket, as a worker provisioned it.
+/// The bucket, as a worker or a producer of this account provisioned it.
 pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, BulkStoreError> {
     js.get_key_value(BULK_BUCKET)
         .await
@@ -107,6 +124,52 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, BulkStoreError
             jetstream::context::KeyValueErrorKind::GetBucket => BulkStoreError::NoBucket,
             _ => BulkStoreError::Kv(err.to_string()),
         })
+}
+
+/// The bucket, made with `max_age` and `replicas` if this account has none
+/// yet (a tenant in its own account makes its own; where workers share the
+/// account, they made it already and it is left as they made it).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, BulkStoreError> {
+    match bucket(js).await {
+        Err(BulkStoreError::NoBucket) => provision(js, max_age, replicas)
+            .await
+            .map_err(|e| BulkStoreError::Kv(e.to_string())),
+        found => found,
+    }
+}
+
+/// Creates the workers' stream of cancel notices, or updates it: one
+/// subject per tenant, each keeping its newest [`MAX_CANCELS_PER_TENANT`]
+/// notices of at most a run id each, for `max_age`.
+pub async fn provision_cancels(
+    js: &jetstream::Context,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, ProvisionError> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| ProvisionError::Stream {
+        name: CANCELS_STREAM.to_string(),
+        source,
+    };
+    js.create_or_update_stream(jetstream::stream::Config {
+        name: CANCELS_STREAM.to_string(),
+        description: Some("jetinfer: cancelled bulk runs, one subject per tenant".into()),
+        subjects: vec![subjects::all_bulk_cancels()],
+        storage: jetstream::stream::StorageType::File,
+        max_messages_per_subject: MAX_CANCELS_PER_TENANT,
+        max_message_size: MAX_CANCEL_NOTICE_BYTES,
+        max_age,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| failed(err.into()))?;
+    js.get_stream(CANCELS_STREAM)
+        .await
+        .map_err(|err| failed(err.into()))
 }
 
 /// Stores `record` as the run's record.
@@ -142,12 +205,24 @@ pub async fn get_record(
         .map_err(|source| BulkStoreError::Decode { key, source })
 }
 
-/// Marks the run cancelled: workers answer its queued jobs `cancelled`.
-pub async fn cancel(kv: &kv::Store, tenant: &Tenant, run: &str) -> Result<(), BulkStoreError> {
+/// Marks the run cancelled in the tenant's bucket (its submitter stops) and
+/// tells the workers (they answer its queued jobs `cancelled`). The notice
+/// is stored before this returns; a retry after a failure is harmless.
+pub async fn cancel(
+    js: &jetstream::Context,
+    kv: &kv::Store,
+    tenant: &Tenant,
+    run: &str,
+) -> Result<(), BulkStoreError> {
     let key = subjects::bulk_cancel_key(tenant, run)?;
     kv.put(key, bytes::Bytes::from_static(b"cancelled"))
         .await
         .map_err(|e| BulkStoreError::Kv(e.to_string()))?;
+    js.publish(subjects::bulk_cancels(tenant), run.to_string().into())
+        .await
+        .map_err(|e| BulkStoreError::Notice(e.to_string()))?
+        .await
+        .map_err(|e| BulkStoreError::Notice(e.to_string()))?;
     Ok(())
 }
 
@@ -165,36 +240,92 @@ pub async fn is_cancelled(
     Ok(entry.is_some_and(|e| e.operation == kv::Operation::Put))
 }
 
-/// A change to a run's cancel mark.
+/// A run cancelled by its tenant, as a worker reads it from the notices.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CancelMark {
+pub struct CancelNotice {
     pub tenant: String,
     pub run: String,
-    /// False when the mark was deleted (the run may be resumed).
-    pub cancelled: bool,
 }
 
-/// Every cancel mark now in the bucket, then each change as it happens.
-pub async fn watch_cancels(
-    kv: &kv::Store,
-) -> Result<impl Stream<Item = CancelMark>, BulkStoreError> {
-    let watch = kv
-        .watch_with_history(subjects::all_bulk_cancels())
+/// Every cancel notice stored, then each new one, through an ordered
+/// consumer (it recreates itself after a gap or a reconnect). A notice is
+/// untrusted input: its tenant comes from the subject (which the server's
+/// imports confine), and one whose payload is not a valid run id is skipped
+/// and counted in the stream's `Err` items as [`BadNotice`].
+pub async fn follow_cancels(
+    stream: &jetstream::stream::Stream,
+) -> Result<impl Stream<Item = Result<CancelNotice, BadNotice>>, BulkStoreError> {
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects::all_bulk_cancels(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
         .await
         .map_err(|e| BulkStoreError::Kv(e.to_string()))?;
-    Ok(watch.filter_map(|entry| async move {
-        let entry = match entry {
-            Ok(entry) => entry,
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| BulkStoreError::Kv(e.to_string()))?;
+    Ok(messages.filter_map(|message| async move {
+        let message = match message {
+            Ok(message) => message,
             Err(err) => {
-                tracing::warn!(error = %err, "watching bulk cancel marks");
+                tracing::warn!(error = %err, "following bulk cancel notices");
                 return None;
             }
         };
-        let (tenant, run) = subjects::parse_bulk_cancel_key(&entry.key)?;
-        Some(CancelMark {
-            tenant: tenant.to_string(),
-            run: run.to_string(),
-            cancelled: entry.operation == kv::Operation::Put,
-        })
+        Some(parse_notice(&message.subject, &message.payload))
     }))
+}
+
+/// A cancel notice that does not name a tenant and a run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cancel notice on {subject} ignored: not a tenant's subject or not a run id")]
+pub struct BadNotice {
+    /// The subject, escaped and shortened for logs.
+    pub subject: String,
+}
+
+fn parse_notice(subject: &str, payload: &[u8]) -> Result<CancelNotice, BadNotice> {
+    let bad = || BadNotice {
+        subject: subjects::shown(subject),
+    };
+    let tenant = subjects::parse_bulk_cancels(subject).ok_or_else(bad)?;
+    let run = std::str::from_utf8(payload).map_err(|_| bad())?;
+    subjects::check_run_id(run).map_err(|_| bad())?;
+    Ok(CancelNotice {
+        tenant: tenant.to_string(),
+        run: run.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notice_is_read_only_when_subject_and_run_id_are_valid() {
+        assert_eq!(
+            parse_notice("cancels.acme", b"run-1"),
+            Ok(CancelNotice {
+                tenant: "acme".into(),
+                run: "run-1".into()
+            })
+        );
+        for (subject, payload) in [
+            ("cancels.acme", &b"a.b"[..]),
+            ("cancels.acme", b"\x1b[2J"),
+            ("cancels.acme", b"\xff"),
+            ("cancels.acme", &[b'r'; 27][..]),
+            ("cancels.acme", b""),
+            ("cancels.acme.x", b"run-1"),
+            ("cancel.acme", b"run-1"),
+        ] {
+            assert!(
+                parse_notice(subject, payload).is_err(),
+                "{subject} {payload:?}"
+            );
+        }
+    }
 }

@@ -204,6 +204,11 @@ pub struct StreamSettings {
     /// `jobs.<model>.<tenant>`. Past it JetStream refuses that tenant's new
     /// jobs (`QuotaExceeded`) while other tenants' keep flowing. 0: no quota.
     pub max_jobs_per_tenant: i64,
+    /// Each tenant has a NATS account of its own (`deploy/nats/accounts.conf`):
+    /// its results stream and bulk bucket live there, made by its producers,
+    /// so workers make neither. False: workers and producers share one
+    /// account, where workers make both.
+    pub tenant_accounts: bool,
 }
 
 impl Default for StreamSettings {
@@ -216,6 +221,7 @@ impl Default for StreamSettings {
             replicas: 1,
             results_max_age: crate::results::DEFAULT_RESULTS_MAX_AGE,
             max_jobs_per_tenant: DEFAULT_MAX_JOBS_PER_TENANT,
+            tenant_accounts: false,
         }
     }
 }

@@ -1,6 +1,12 @@
 //! Idempotent provisioning of the jobs stream and each model's durable pull
 //! consumer. Every worker runs it at start-up; running it twice, or from many
 //! workers at once, converges on the same configuration.
+//!
+//! The jobs stream listens only on the subjects of models a worker serves
+//! (`jobs.<model>.*`, one per model, added by that model's workers): a job
+//! for any other model finds no stream, so its producer is told at once
+//! (no responders) and nothing is stored. No tenant can fill the shared
+//! queue through made-up model names, each with a quota of its own.
 
 use async_nats::jetstream::{self, consumer, stream};
 
@@ -23,12 +29,17 @@ pub enum ProvisionError {
     },
 }
 
-/// The jobs stream's configuration: WorkQueue retention (a job is removed once
-/// acked), file storage, refusing new jobs when full so producers see
-/// back-pressure instead of old jobs being dropped. With a per-tenant quota,
-/// each subject `jobs.<model>.<tenant>` holds at most that many jobs and a
-/// tenant past it is refused on its own (discard new per subject).
-pub fn stream_config(settings: &StreamSettings) -> stream::Config {
+/// Attempts at adding a model's subject to the jobs stream when workers of
+/// other models update it at the same moment (each update replaces the list).
+const SUBJECT_ATTEMPTS: usize = 8;
+
+/// The jobs stream's configuration for the served models' `subjects`:
+/// WorkQueue retention (a job is removed once acked), file storage, refusing
+/// new jobs when full so producers see back-pressure instead of old jobs
+/// being dropped. With a per-tenant quota, each subject
+/// `jobs.<model>.<tenant>` holds at most that many jobs and a tenant past it
+/// is refused on its own (discard new per subject).
+pub fn stream_config(settings: &StreamSettings, subjects: Vec<String>) -> stream::Config {
     let quota = settings.max_jobs_per_tenant > 0;
     stream::Config {
         max_messages_per_subject: if quota {
@@ -38,7 +49,7 @@ pub fn stream_config(settings: &StreamSettings) -> stream::Config {
         },
         discard_new_per_subject: quota,
         name: settings.name.clone(),
-        subjects: vec![subjects::all_jobs()],
+        subjects,
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::New,
@@ -50,21 +61,83 @@ pub fn stream_config(settings: &StreamSettings) -> stream::Config {
     }
 }
 
-/// Creates the jobs stream, or updates it to `settings` if it exists.
+/// Creates the jobs stream for `model`, or updates it to `settings` and adds
+/// `model`'s subject to the ones it has (a stream from before subjects were
+/// kept per model, listening on `jobs.>`, is narrowed to the served models).
 pub async fn provision_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    model: &str,
 ) -> Result<stream::Stream, ProvisionError> {
     let failed = |source: Box<dyn std::error::Error + Send + Sync>| ProvisionError::Stream {
         name: settings.name.clone(),
         source,
     };
-    js.create_or_update_stream(stream_config(settings))
-        .await
-        .map_err(|err| failed(err.into()))?;
-    js.get_stream(&settings.name)
-        .await
-        .map_err(|err| failed(err.into()))
+    let ours = subjects::jobs_for_model(model)?;
+    for _ in 0..SUBJECT_ATTEMPTS {
+        let served = match js.get_stream(&settings.name).await {
+            Ok(mut stream) => {
+                let info = stream.info().await.map_err(|err| failed(err.into()))?;
+                served_subjects(&info.config.subjects, &ours)
+            }
+            Err(err) if is_not_found(&err) => vec![ours.clone()],
+            Err(err) => return Err(failed(err.into())),
+        };
+        js.create_or_update_stream(stream_config(settings, served))
+            .await
+            .map_err(|err| failed(err.into()))?;
+        let mut stream = js
+            .get_stream(&settings.name)
+            .await
+            .map_err(|err| failed(err.into()))?;
+        // A worker of another model may have replaced the list between our
+        // read and our update: read it back, and add ours again if it is gone.
+        let now = stream.info().await.map_err(|err| failed(err.into()))?;
+        if now.config.subjects.contains(&ours) {
+            return Ok(stream);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(failed(
+        format!(
+            "{ours} kept disappearing from the stream's subjects while other workers updated it"
+        )
+        .into(),
+    ))
+}
+
+/// Whether the jobs stream still listens on `model`'s subject (another
+/// model's worker may have replaced the list concurrently at start-up).
+pub async fn serves(stream: &mut stream::Stream, model: &str) -> Result<bool, ProvisionError> {
+    let ours = subjects::jobs_for_model(model)?;
+    let name = stream.cached_info().config.name.clone();
+    let info = stream.info().await.map_err(|err| ProvisionError::Stream {
+        name,
+        source: err.into(),
+    })?;
+    Ok(info.config.subjects.contains(&ours))
+}
+
+fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// The served models' subjects: those the stream has, without the catch-all
+/// `jobs.>` of older versions, plus `ours`.
+fn served_subjects(existing: &[String], ours: &str) -> Vec<String> {
+    let all = subjects::all_jobs();
+    let mut served: Vec<String> = existing
+        .iter()
+        .filter(|s| **s != all && s.as_str() != ours)
+        .cloned()
+        .collect();
+    served.push(ours.to_string());
+    served.sort();
+    served
 }
 
 /// The durable pull consumer shared by all workers of `model`.
@@ -98,4 +171,24 @@ pub async fn provision_consumer(
         .create_consumer(config)
         .await
         .map_err(|source| ProvisionError::Consumer { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_subject_joins_the_served_ones_and_the_catch_all_goes() {
+        assert_eq!(
+            served_subjects(&["jobs.>".into()], "jobs.minilm.*"),
+            vec!["jobs.minilm.*".to_string()]
+        );
+        assert_eq!(
+            served_subjects(
+                &["jobs.e5.*".into(), "jobs.minilm.*".into()],
+                "jobs.minilm.*"
+            ),
+            vec!["jobs.e5.*".to_string(), "jobs.minilm.*".to_string()]
+        );
+    }
 }

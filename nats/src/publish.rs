@@ -1,6 +1,14 @@
-//! Publishing a job: `Nats-Msg-Id` = job id so JetStream de-duplicates
-//! resubmissions, the reply subject in a header, and the PubAck awaited so the
-//! caller knows the job is stored.
+//! Publishing a job: a `Nats-Msg-Id` derived from the job id so JetStream
+//! de-duplicates resubmissions, the reply subject in a header, and the
+//! PubAck awaited so the caller knows the job is stored.
+//!
+//! JetStream de-duplicates across the whole stream, whoever published, and
+//! every tenant publishes into the same jobs stream. A plain job id as
+//! `Nats-Msg-Id` would let one tenant publish another's ids first and have
+//! the other's jobs dropped as duplicates. So the id JetStream sees is
+//! [`dedup_id`]: the job id, then a tag keyed by a secret of this process
+//! and the tenant. This process's retries of a job are still de-duplicated;
+//! nobody else can produce the same `Nats-Msg-Id` without the secret.
 
 use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck};
 use async_nats::HeaderMap;
@@ -21,8 +29,8 @@ pub enum PublishJobError {
     /// off and retry once some of its jobs are answered.
     #[error("tenant {tenant} has its quota of jobs queued for model {model}: retry once some are answered")]
     QuotaExceeded { tenant: String, model: String },
-    /// No stream listens on the job subject: no worker was ever started here.
-    #[error("no jobs stream on this server: start a worker (it provisions the stream) first")]
+    /// No stream listens on the job subject: no worker serves its model here.
+    #[error("no jobs stream listens on this model's subject: no worker serves it here")]
     NoStream,
     /// No PubAck arrived in time: the job may or may not be stored. Retrying
     /// with the same job id is safe (JetStream de-duplicates it).
@@ -130,7 +138,7 @@ async fn publish(
     if let Some(run) = bulk_run {
         headers.insert(headers::BULK_RUN, run);
     }
-    headers.insert(headers::MSG_ID, job.id.as_str());
+    headers.insert(headers::MSG_ID, dedup_id(tenant, &job.id).as_str());
     headers.insert(headers::REPLY_TO, reply_to);
     let traceparent = match traceparent.filter(|t| valid_traceparent(t)) {
         Some(t) => t.to_string(),
@@ -152,6 +160,40 @@ impl PublishJobError {
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Timeout | Self::Disconnected)
     }
+}
+
+/// Separates the job id from its de-duplication tag in `Nats-Msg-Id`.
+pub const DEDUP_TAG_SEPARATOR: char = '~';
+/// Hex digits of the tag: 128 bits, beyond guessing.
+const DEDUP_TAG_HEX: usize = 32;
+
+/// The `Nats-Msg-Id` of `tenant`'s job `id` from this process:
+/// `<id>~<tag>`, the tag being the first 128 bits of
+/// SHA-256(process secret, tenant, id). Stable for this process, so its
+/// retries are de-duplicated; unpredictable to every other publisher.
+pub fn dedup_id(tenant: &Tenant, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(|| {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).expect("the operating system's random source works");
+        secret
+    });
+    let mut hasher = Sha256::new();
+    hasher.update(secret);
+    for part in [tenant.as_str(), id] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut msg_id = String::with_capacity(id.len() + 1 + DEDUP_TAG_HEX);
+    msg_id.push_str(id);
+    msg_id.push(DEDUP_TAG_SEPARATOR);
+    for byte in &digest[..DEDUP_TAG_HEX / 2] {
+        let _ = write!(msg_id, "{byte:02x}");
+    }
+    msg_id
 }
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero.
@@ -197,6 +239,18 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dedup_ids_are_stable_here_and_differ_per_tenant() {
+        let acme = Tenant::new("acme").unwrap();
+        let globex = Tenant::new("globex").unwrap();
+        let id = dedup_id(&acme, "nightly:doc-1");
+        assert_eq!(id, dedup_id(&acme, "nightly:doc-1"));
+        assert!(id.starts_with("nightly:doc-1~"));
+        assert_eq!(id.len(), "nightly:doc-1~".len() + DEDUP_TAG_HEX);
+        assert_ne!(id, dedup_id(&globex, "nightly:doc-1"));
+        assert_ne!(id, dedup_id(&acme, "nightly:doc-2"));
+    }
 
     #[test]
     fn generated_traceparents_are_valid_and_distinct() {

@@ -44,6 +44,33 @@ pub async fn provision(
     Ok(())
 }
 
+/// Makes the results stream with `max_age` and `replicas` if this account
+/// has none: a tenant with an account of its own keeps its results there,
+/// made by its producers. Where workers share the account they made it, and
+/// it is left as they made it.
+pub async fn ensure(
+    js: &jetstream::Context,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<(), ProvisionError> {
+    match js.get_stream(RESULTS_STREAM).await {
+        Ok(_) => Ok(()),
+        Err(err)
+            if matches!(
+                err.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            provision(js, max_age, replicas).await
+        }
+        Err(err) => Err(ProvisionError::Stream {
+            name: RESULTS_STREAM.to_string(),
+            source: err.into(),
+        }),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("publishing result to {subject}: {message}")]
 pub struct ResultPublishError {

@@ -7,7 +7,10 @@
 //!   subscribes to; results are matched to jobs by the job id inside them.
 //!   A bulk run's inbox is `results.<tenant>.bulk-<run>`.
 //! - Bulk runs: keys `run.<tenant>.<run>` and `cancel.<tenant>.<run>` in the
-//!   `JETINFER_BULK` key-value bucket.
+//!   `JETINFER_BULK` key-value bucket of the tenant's own account, and the
+//!   cancel notice workers follow, `cancels.<tenant>` (payload: the run id),
+//!   in the workers' `JETINFER_CANCELS` stream. One subject per tenant, so
+//!   the stream's per-subject limit bounds what each tenant can store there.
 
 use crate::config::DEFAULT_STREAM_NAME;
 
@@ -86,7 +89,8 @@ pub fn jobs_for_model(model: &str) -> Result<String, SubjectError> {
     Ok(format!("{JOBS_PREFIX}.{model}.*"))
 }
 
-/// `jobs.>`: the jobs stream's subjects.
+/// `jobs.>`: every job subject (the jobs stream's subjects before they were
+/// kept per served model; see `provision::provision_stream`).
 pub fn all_jobs() -> String {
     format!("{JOBS_PREFIX}.>")
 }
@@ -284,7 +288,7 @@ fn parse_pattern(pattern: &str) -> Result<Vec<PatternToken>, ReplyPatternError> 
     }
     match tokens.first() {
         Some(PatternToken::Literal(first))
-            if first != JOBS_PREFIX && first != DEAD_LETTER_PREFIX => {}
+            if first != JOBS_PREFIX && first != DEAD_LETTER_PREFIX && first != CANCELS_PREFIX => {}
         Some(PatternToken::Literal(_)) => {
             return Err(bad(
                 "would let jobs publish into the jobs or dead-letter subjects",
@@ -323,7 +327,7 @@ fn matches(pattern: &[PatternToken], tenant: &str, subject: &[&str]) -> bool {
 
 /// A subject as safe to show in logs and headers: escaped, at most a few
 /// dozen characters.
-fn shown(subject: &str) -> String {
+pub fn shown(subject: &str) -> String {
     const SHOWN_CHARS: usize = 64;
     let mut text: String = subject.chars().take(SHOWN_CHARS).collect();
     if subject.chars().nth(SHOWN_CHARS).is_some() {
@@ -373,16 +377,31 @@ pub fn bulk_cancel_key(tenant: &Tenant, run: &str) -> Result<String, SubjectErro
     Ok(format!("{BULK_CANCEL_KEY}.{tenant}.{run}"))
 }
 
-/// `cancel.>`: every cancel mark, what workers watch.
-pub fn all_bulk_cancels() -> String {
-    format!("{BULK_CANCEL_KEY}.>")
+/// Name of the stream of cancel notices workers follow.
+pub const CANCELS_STREAM: &str = "JETINFER_CANCELS";
+/// Prefix of every cancel-notice subject.
+pub const CANCELS_PREFIX: &str = "cancels";
+
+/// `cancels.<tenant>`: where `tenant`'s producers announce a cancelled run
+/// (the payload is the run id). In the shipped configuration each tenant
+/// reaches only its own through an import, so the tenant token cannot be
+/// forged.
+pub fn bulk_cancels(tenant: &Tenant) -> String {
+    format!("{CANCELS_PREFIX}.{tenant}")
 }
 
-/// Tenant and run of a cancel-mark key, or `None` if it is not one.
-pub fn parse_bulk_cancel_key(key: &str) -> Option<(&str, &str)> {
-    let mut parts = key.split('.');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(BULK_CANCEL_KEY), Some(tenant), Some(run), None) => Some((tenant, run)),
+/// `cancels.*`: the cancel stream's subjects.
+pub fn all_bulk_cancels() -> String {
+    format!("{CANCELS_PREFIX}.*")
+}
+
+/// Tenant of a cancel-notice subject, or `None` if it is not one.
+pub fn parse_bulk_cancels(subject: &str) -> Option<&str> {
+    let mut parts = subject.split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(CANCELS_PREFIX), Some(tenant), None) if check_token("tenant", tenant).is_ok() => {
+            Some(tenant)
+        }
         _ => None,
     }
 }
@@ -453,6 +472,7 @@ mod tests {
             "$JS.{tenant}.>",
             "jobs.{tenant}.>",
             "dlq.{tenant}.>",
+            "cancels.{tenant}",
             "{tenant}.>",
             "results.{tenant}x.>",
             "results.{tenant}.{tenant}",
@@ -468,9 +488,10 @@ mod tests {
     fn bulk_keys_round_trip_and_refuse_long_run_ids() {
         let tenant = Tenant::new("acme").unwrap();
         assert_eq!(bulk_inbox(&tenant, "r1").unwrap(), "results.acme.bulk-r1");
-        let key = bulk_cancel_key(&tenant, "r1").unwrap();
-        assert_eq!(parse_bulk_cancel_key(&key), Some(("acme", "r1")));
-        assert_eq!(parse_bulk_cancel_key("run.acme.r1"), None);
+        assert_eq!(bulk_cancel_key(&tenant, "r1").unwrap(), "cancel.acme.r1");
+        assert_eq!(parse_bulk_cancels(&bulk_cancels(&tenant)), Some("acme"));
+        assert_eq!(parse_bulk_cancels("cancels.acme.r1"), None);
+        assert_eq!(parse_bulk_cancels("cancels.a*"), None);
         assert!(check_run_id(&"r".repeat(MAX_RUN_ID_LEN)).is_ok());
         assert!(check_run_id(&"r".repeat(MAX_RUN_ID_LEN + 1)).is_err());
         assert!(bulk_run_key(&tenant, "a.b").is_err());

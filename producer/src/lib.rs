@@ -10,7 +10,12 @@
 //! Results are also kept in JetStream's results stream: after the client's
 //! connection comes back (its network dropped, or the server restarted), it
 //! reads the results published to its inbox while it was away, so an answered
-//! job is never waited on for ever.
+//! job is never waited on for ever. Where the tenant has a NATS account of its
+//! own (`deploy/nats/accounts.conf`), that stream lives in it and the client
+//! makes it at connect when it is missing.
+//!
+//! The jobs stream listens only on the models workers serve, so a job for any
+//! other model is refused at once ([`SubmitError::UnknownModel`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +31,7 @@
 
 pub mod bulk;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,8 +56,11 @@ pub struct ClientConfig {
     pub tenant: String,
     /// Longest wait for a job's result.
     pub timeout: Duration,
-    /// Name of the jobs stream, to check that a model has workers.
-    pub stream: String,
+    /// How long the results stream keeps results, when this client makes it
+    /// (a tenant with its own account, whose stream is missing).
+    pub results_max_age: Duration,
+    /// Replicas of the results stream and bulk bucket this client makes.
+    pub replicas: usize,
 }
 
 impl Default for ClientConfig {
@@ -64,7 +72,8 @@ impl Default for ClientConfig {
             },
             tenant: DEFAULT_TENANT.into(),
             timeout: DEFAULT_TIMEOUT,
-            stream: subjects::default_stream().into(),
+            results_max_age: jetinfer_nats::results::DEFAULT_RESULTS_MAX_AGE,
+            replicas: 1,
         }
     }
 }
@@ -75,8 +84,10 @@ pub enum SubmitError {
     Subject(#[from] SubjectError),
     #[error(transparent)]
     Connect(#[from] jetinfer_nats::ConnectError),
-    #[error("no worker has ever served model {0:?} on this server: check the model name or start a worker for it")]
+    #[error("no worker serves model {0:?} on this server: check the model name or start a worker for it")]
     UnknownModel(String),
+    #[error("making this tenant's results stream: {0}")]
+    Provision(#[from] jetinfer_nats::ProvisionError),
     /// The queue refused the job: back off and retry later.
     #[error("the job queue is full: retry later")]
     QueueFull,
@@ -92,6 +103,17 @@ pub enum SubmitError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("the client's connection closed")]
     Closed,
+}
+
+impl SubmitError {
+    /// Classifies a refused publish of a job for `model`: no stream listening
+    /// on its subject means no worker serves the model.
+    fn refused(err: PublishJobError, model: &str) -> Self {
+        match err {
+            PublishJobError::NoStream => Self::UnknownModel(model.to_string()),
+            other => other.into(),
+        }
+    }
 }
 
 impl From<PublishJobError> for SubmitError {
@@ -199,7 +221,6 @@ struct Inner {
     tenant: Tenant,
     inbox: String,
     pending: Pending,
-    known_models: Mutex<HashSet<String>>,
     config: ClientConfig,
     dispatcher: tokio::task::JoinHandle<()>,
 }
@@ -223,6 +244,7 @@ impl Client {
         let pending: Pending = Arc::default();
         let routes = Arc::clone(&pending);
         let js = jetstream::new(nats.clone());
+        jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
         let catch_up = (js.clone(), inbox.clone());
         let dispatcher = tokio::spawn(async move {
             let mut away_since = None;
@@ -257,7 +279,6 @@ impl Client {
                 tenant,
                 inbox,
                 pending,
-                known_models: Mutex::default(),
                 config,
                 dispatcher,
             }),
@@ -326,7 +347,6 @@ impl Client {
         job: &Job,
         traceparent: Option<&str>,
     ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
-        self.check_model(&job.model).await?;
         let (sender, receiver) = oneshot::channel();
         // Register before publishing: the result can beat the PubAck.
         self.inner
@@ -363,36 +383,8 @@ impl Client {
                 .lock()
                 .expect("pending lock")
                 .remove(&job.id);
-            return Err(err.into());
+            return Err(SubmitError::refused(err, &job.model));
         }
         Ok(receiver)
-    }
-
-    /// A job for a model no worker ever served would wait in the stream for
-    /// ever: refuse it up front.
-    async fn check_model(&self, model: &str) -> Result<(), SubmitError> {
-        if self
-            .inner
-            .known_models
-            .lock()
-            .expect("models lock")
-            .contains(model)
-        {
-            return Ok(());
-        }
-        let consumer = subjects::consumer_name(model)?;
-        let found = match self.inner.js.get_stream(&self.inner.config.stream).await {
-            Ok(stream) => stream.consumer_info(&consumer).await.is_ok(),
-            Err(_) => false,
-        };
-        if !found {
-            return Err(SubmitError::UnknownModel(model.to_string()));
-        }
-        self.inner
-            .known_models
-            .lock()
-            .expect("models lock")
-            .insert(model.to_string());
-        Ok(())
     }
 }

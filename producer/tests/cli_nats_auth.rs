@@ -64,7 +64,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
     let stderr = printed(&out);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("no worker has ever served model"),
+        stderr.contains("no worker serves model"),
         "{stderr}"
     );
 
@@ -93,7 +93,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .unwrap();
     let stderr = printed(&out);
     assert!(
-        stderr.contains("no worker has ever served model"),
+        stderr.contains("no worker serves model"),
         "{stderr}"
     );
 

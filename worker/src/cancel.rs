@@ -1,41 +1,89 @@
-//! Cancelled bulk runs. `jetinfer bulk cancel` puts a cancel mark in the
-//! `JETINFER_BULK` bucket; [`watch`] keeps this worker's view of the marks
-//! current. A job carrying a `Jetinfer-Bulk-Run` header gets its run's flag
-//! at intake: a job of a cancelled run is answered `cancelled` there, and
-//! one cancelled after intake is left out when its batch forms (like an
-//! expired job), so queued work of a cancelled run is never computed.
+//! Cancelled bulk runs. `jetinfer bulk cancel` publishes a notice on
+//! `cancels.<tenant>` into the `JETINFER_CANCELS` stream; [`watch`] follows
+//! it and keeps this worker's view of the cancelled runs current. A job
+//! carrying a `Jetinfer-Bulk-Run` header gets its run's flag at intake: a
+//! job of a cancelled run is answered `cancelled` there, and one cancelled
+//! after intake is left out when its batch forms (like an expired job), so
+//! queued work of a cancelled run is never computed.
+//!
+//! Both maps are bounded, whatever tenants send: a flag exists only while a
+//! job of its run is held (the map keeps weak references and drops dead ones
+//! once it has [`MAX_LIVE_RUNS`]), and at most [`MAX_CANCELLED_RUNS`]
+//! cancelled runs are remembered, oldest forgotten first (the stream keeps
+//! at most `bulk::MAX_CANCELS_PER_TENANT` per tenant in any case).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 use jetinfer_schemas::{ErrorCode, JobError};
 use tokio_util::sync::CancellationToken;
 
-/// Pause before watching again after the watch ended (e.g. a server restart).
+/// Pause before following again after the notices ended (e.g. a server
+/// restart).
 const REWATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Flags of runs with jobs in hand before dead entries are swept out.
+pub const MAX_LIVE_RUNS: usize = 4096;
+/// Cancelled runs remembered.
+pub const MAX_CANCELLED_RUNS: usize = 65_536;
 
-/// One flag per (tenant, run) this worker has seen, set once the run is
-/// cancelled. Entries are a few bytes per run, never per job.
+type RunKey = (String, String);
+
+/// The flags of the runs this worker holds jobs of, and the runs it knows
+/// are cancelled.
 #[derive(Default)]
 pub struct Cancellations {
-    runs: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    live: HashMap<RunKey, Weak<AtomicBool>>,
+    cancelled: HashSet<RunKey>,
+    /// `cancelled` in the order the notices came, to forget the oldest.
+    order: VecDeque<RunKey>,
 }
 
 impl Cancellations {
-    /// The flag of `run` of `tenant`, shared by all its jobs in this worker.
+    /// The flag of `run` of `tenant`, shared by all its jobs in this worker
+    /// and set once the run is cancelled.
     pub fn flag(&self, tenant: &str, run: &str) -> Arc<AtomicBool> {
-        let mut runs = self.runs.lock().expect("cancellations lock");
-        Arc::clone(
-            runs.entry((tenant.to_string(), run.to_string()))
-                .or_default(),
-        )
+        let mut state = self.state.lock().expect("cancellations lock");
+        let key = (tenant.to_string(), run.to_string());
+        if let Some(flag) = state.live.get(&key).and_then(Weak::upgrade) {
+            return flag;
+        }
+        if state.live.len() >= MAX_LIVE_RUNS {
+            state.live.retain(|_, flag| flag.strong_count() > 0);
+        }
+        let flag = Arc::new(AtomicBool::new(state.cancelled.contains(&key)));
+        state.live.insert(key, Arc::downgrade(&flag));
+        flag
     }
 
-    fn set(&self, tenant: &str, run: &str, cancelled: bool) {
-        self.flag(tenant, run).store(cancelled, Ordering::Relaxed);
+    /// Records that `run` of `tenant` is cancelled and raises its flag.
+    pub fn cancel(&self, tenant: &str, run: &str) {
+        let mut state = self.state.lock().expect("cancellations lock");
+        let key = (tenant.to_string(), run.to_string());
+        if let Some(flag) = state.live.get(&key).and_then(Weak::upgrade) {
+            flag.store(true, Ordering::Relaxed);
+        }
+        if state.cancelled.insert(key.clone()) {
+            state.order.push_back(key);
+            while state.order.len() > MAX_CANCELLED_RUNS {
+                if let Some(oldest) = state.order.pop_front() {
+                    state.cancelled.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// How many runs this worker tracks: (with a flag, known cancelled).
+    pub fn tracked(&self) -> (usize, usize) {
+        let state = self.state.lock().expect("cancellations lock");
+        (state.live.len(), state.cancelled.len())
     }
 }
 
@@ -52,30 +100,67 @@ pub fn cancelled_error() -> JobError {
     )
 }
 
-/// Follows the bucket's cancel marks until `stop` fires.
-pub async fn watch(kv: kv::Store, cancellations: Arc<Cancellations>, stop: CancellationToken) {
+/// Follows the cancel notices until `stop` fires.
+pub async fn watch(stream: Stream, cancellations: Arc<Cancellations>, stop: CancellationToken) {
     loop {
-        match jetinfer_nats::bulk::watch_cancels(&kv).await {
-            Ok(marks) => {
-                let mut marks = std::pin::pin!(marks);
+        match jetinfer_nats::bulk::follow_cancels(&stream).await {
+            Ok(notices) => {
+                let mut notices = std::pin::pin!(notices);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        mark = marks.next() => match mark {
-                            Some(mark) => {
-                                tracing::info!(tenant = %mark.tenant, run = %mark.run, cancelled = mark.cancelled, "bulk run cancel mark");
-                                cancellations.set(&mark.tenant, &mark.run, mark.cancelled);
+                        notice = notices.next() => match notice {
+                            Some(Ok(notice)) => {
+                                tracing::info!(tenant = %notice.tenant, run = %notice.run, "bulk run cancelled");
+                                cancellations.cancel(&notice.tenant, &notice.run);
                             }
+                            Some(Err(bad)) => tracing::warn!(error = %bad, "bad cancel notice"),
                             None => break,
                         },
                     }
                 }
             }
-            Err(err) => tracing::warn!(error = %err, "watching bulk cancel marks failed; retrying"),
+            Err(err) => {
+                tracing::warn!(error = %err, "following bulk cancel notices failed; retrying")
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(REWATCH_DELAY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_raised_before_or_after_the_job_arrives_reads_cancelled() {
+        let runs = Cancellations::default();
+        let early = runs.flag("acme", "r1");
+        runs.cancel("acme", "r1");
+        assert!(early.load(Ordering::Relaxed));
+        assert!(runs.flag("acme", "r1").load(Ordering::Relaxed));
+        assert!(!runs.flag("globex", "r1").load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn runs_seen_and_runs_cancelled_stay_bounded() {
+        let runs = Cancellations::default();
+        for i in 0..(3 * MAX_LIVE_RUNS) {
+            drop(runs.flag("acme", &format!("r{i}")));
+        }
+        for i in 0..(MAX_CANCELLED_RUNS + 100) {
+            runs.cancel("acme", &format!("c{i}"));
+        }
+        let (live, cancelled) = runs.tracked();
+        assert!(live <= MAX_LIVE_RUNS, "{live} flags kept");
+        assert_eq!(cancelled, MAX_CANCELLED_RUNS);
+        // The newest cancels are kept, the oldest forgotten.
+        assert!(runs
+            .flag("acme", &format!("c{}", MAX_CANCELLED_RUNS + 99))
+            .load(Ordering::Relaxed));
+        assert!(!runs.flag("acme", "c0").load(Ordering::Relaxed));
     }
 }

@@ -194,6 +194,9 @@ impl Intake {
     /// The tenant comes from the subject, never from the producer's header.
     fn cancel_flag(&self, message: &Message) -> Option<Arc<AtomicBool>> {
         let run = message.headers.as_ref()?.get(headers::BULK_RUN)?;
+        // Only a valid run id can name a run (a longer value would make the
+        // flag map hold whatever a tenant sends).
+        subjects::check_run_id(run.as_str()).ok()?;
         let (_, tenant) = subjects::parse_job(&message.subject)?;
         Some(self.cancellations.flag(tenant, run.as_str()))
     }

@@ -143,15 +143,24 @@ impl Worker {
         let client = jetinfer_nats::connect(&config.nats).await?;
         health.set_client(client.clone());
         let js = jetstream::new(client.clone());
-        let stream = jetinfer_nats::provision_stream(&js, &config.stream).await?;
+        let stream =
+            jetinfer_nats::provision_stream(&js, &config.stream, &config.model.name).await?;
         jetinfer_nats::dead_letter::provision(&js, config.stream.replicas).await?;
-        jetinfer_nats::results::provision(
-            &js,
-            config.stream.results_max_age,
-            config.stream.replicas,
-        )
-        .await?;
-        let bulk = jetinfer_nats::bulk::provision(
+        if !config.stream.tenant_accounts {
+            jetinfer_nats::results::provision(
+                &js,
+                config.stream.results_max_age,
+                config.stream.replicas,
+            )
+            .await?;
+            jetinfer_nats::bulk::provision(
+                &js,
+                config.stream.results_max_age,
+                config.stream.replicas,
+            )
+            .await?;
+        }
+        let cancels = jetinfer_nats::bulk::provision_cancels(
             &js,
             config.stream.results_max_age,
             config.stream.replicas,
@@ -238,7 +247,7 @@ impl Worker {
             )),
             tokio::spawn(queue_depth),
             tokio::spawn(cancel::watch(
-                bulk,
+                cancels,
                 Arc::clone(&cancellations),
                 helpers_stop.clone(),
             )),

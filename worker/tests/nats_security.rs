@@ -1,13 +1,17 @@
-//! The shipped NATS permission configs (`deploy/nats/nats-secure.conf`,
-//! `nats-tls.conf`, both with `accounts.conf`) on a real nats-server, loaded
-//! as shipped: only the users' public NKeys (from the environment, as in
-//! production), the port and the store directory come from the test.
+//! The shipped NATS configs (`deploy/nats/nats-secure.conf`, `nats-tls.conf`,
+//! both with `accounts.conf`) on a real nats-server, loaded as shipped: only
+//! the users' public NKeys (from the environment, as in production), the
+//! port and the store directory come from the test.
 //!
-//! Each refusal is observed, not assumed: the server reports a permissions
-//! violation naming the subject to the offending connection, and the state
-//! (stream contents, deliveries) shows nothing happened. And a real worker
-//! and producer complete jobs under the same config with no violation at
-//! all, so the permissions are not too tight either.
+//! Tenants are in accounts of their own, so most of what a tenant must not
+//! do is simply not there for it: the workers' streams and subjects do not
+//! exist in its account. Those tests observe the outcome (nothing stored,
+//! nothing delivered, the API answering "not found"); a worker's and an
+//! operator's limits inside the workers' account are permissions, and each
+//! refusal there is observed as the server's permissions violation. And a
+//! real worker and producer complete jobs under the same config with no
+//! violation at all, so the permissions are not too tight either.
+//! The hostile-tenant attacks are in `hostile_accounts.rs`.
 
 mod common;
 
@@ -15,7 +19,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use futures::StreamExt;
 use jetinfer_nats::testing::{plain_text_session, NatsServer, TestPki};
 use jetinfer_nats::{
@@ -31,20 +34,21 @@ use common::secured::{seed_path, Observed, Secured};
 use common::*;
 
 /// Streams and the minilm consumer, provisioned the way a worker does it,
-/// as the worker role.
-async fn provision(worker: &Observed) {
-    let stream = jetinfer_nats::provision_stream(&worker.js, &StreamSettings::default())
+/// as the worker role; and each tenant's own results stream, the way its
+/// producer makes it.
+async fn provision(secured: &Secured, worker: &Observed) {
+    let stream = jetinfer_nats::provision_stream(&worker.js, &StreamSettings::default(), "minilm")
         .await
         .expect("worker provisions the jobs stream");
     jetinfer_nats::provision_consumer(&stream, "minilm", &ConsumerSettings::default())
         .await
         .expect("worker provisions its consumer");
-    results::provision(&worker.js, Duration::from_secs(3600), 1)
-        .await
-        .expect("worker provisions the results stream");
     dead_letter::provision(&worker.js, 1)
         .await
         .expect("worker provisions the dead-letter stream");
+    for tenant in ["acme", "globex"] {
+        secured.provision_tenant(tenant).await;
+    }
 }
 
 async fn jobs_stored(ops: &Observed) -> u64 {
@@ -64,8 +68,7 @@ async fn nothing_arrives(sub: &mut async_nats::Subscriber) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_and_producer_complete_jobs_under_the_shipped_permissions() {
     let secured = Secured::start();
-    let mut config = worker_config(&secured.server, BackendKind::Echo, BatchConfig::default());
-    config.nats = secured.nats("worker");
+    let mut config = secured.worker_config(BackendKind::Echo, BatchConfig::default());
     // Queue-depth reads run often, so a refused one would show below.
     config.monitoring.queue_poll = Duration::from_millis(100);
     let worker = start_worker(config, Arc::new(EchoBackend::new(256, Duration::ZERO))).await;
@@ -231,7 +234,7 @@ async fn unauthenticated_and_unknown_clients_are_refused() {
 async fn a_producer_cannot_consume_jobs_or_submit_for_another_tenant() {
     let secured = Secured::start();
     let worker = secured.connect("worker").await;
-    provision(&worker).await;
+    provision(&secured, &worker).await;
     let ops = secured.connect("ops").await;
     let acme = secured.connect("acme").await;
 
@@ -246,7 +249,8 @@ async fn a_producer_cannot_consume_jobs_or_submit_for_another_tenant() {
     .expect("acme submits for acme");
     assert_eq!(jobs_stored(&ops).await, 1);
 
-    // Another tenant's subject: refused, nothing stored.
+    // Another tenant's subject leads nowhere from acme's account: refused
+    // (no stream answers), nothing stored.
     let refused = jetinfer_nats::publish_job(
         &acme.js,
         &Tenant::new("globex").unwrap(),
@@ -254,23 +258,20 @@ async fn a_producer_cannot_consume_jobs_or_submit_for_another_tenant() {
         "results.acme.c1",
     )
     .await;
-    assert!(refused.is_err(), "published as globex");
-    acme.violation("jobs.minilm.globex").await;
+    assert!(
+        matches!(refused, Err(jetinfer_nats::PublishJobError::NoStream)),
+        "published as globex: {refused:?}"
+    );
+    assert_eq!(jobs_stored(&ops).await, 1);
 
-    // Reading jobs: a live subscription, a consumer of its own, or pulls
-    // from the workers' consumer. All refused.
+    // Reading jobs: a live subscription sees nothing (jobs are not in its
+    // account), the jobs stream and the workers' consumer do not exist for
+    // it, and a pull request gets the API's "not found".
     let mut sneaky = acme.client.subscribe("jobs.>").await.unwrap();
-    acme.violation("jobs.>").await;
-    let stream = acme.js.get_stream("JETINFER_JOBS").await.unwrap();
-    let own_consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some("sneaky".into()),
-            ..Default::default()
-        })
-        .await;
-    assert!(own_consumer.is_err(), "acme created a consumer on the jobs");
-    acme.violation("$JS.API.CONSUMER.CREATE.JETINFER_JOBS.sneaky")
-        .await;
+    assert!(
+        acme.js.get_stream("JETINFER_JOBS").await.is_err(),
+        "acme sees the jobs stream"
+    );
     let pull = "$JS.API.CONSUMER.MSG.NEXT.JETINFER_JOBS.worker-minilm";
     let pulled = tokio::time::timeout(
         Duration::from_secs(2),
@@ -278,39 +279,36 @@ async fn a_producer_cannot_consume_jobs_or_submit_for_another_tenant() {
             .request(pull, r#"{"batch":1,"no_wait":true}"#.into()),
     )
     .await;
-    assert!(
-        !matches!(pulled, Ok(Ok(_))),
-        "acme pulled a job: {pulled:?}"
-    );
-    acme.violation(pull).await;
+    if let Ok(Ok(answer)) = &pulled {
+        assert!(
+            answer.payload.is_empty() && answer.headers.is_some(),
+            "acme pulled a job: {answer:?}"
+        );
+    }
     nothing_arrives(&mut sneaky).await;
 
     // The job is still there, undelivered, for a worker.
+    let stream = ops.js.get_stream("JETINFER_JOBS").await.unwrap();
     let info = stream.consumer_info("worker-minilm").await.unwrap();
     assert_eq!((info.num_pending, info.num_ack_pending), (1, 0));
     assert_eq!(jobs_stored(&ops).await, 1);
-    // And the violations were the server's doing, logged there too.
-    assert!(secured
-        .violations()
-        .iter()
-        .any(|v| v.contains("jobs.minilm.globex")));
 }
 
 #[tokio::test]
 async fn a_producer_cannot_read_another_tenants_results() {
     let secured = Secured::start();
     let worker = secured.connect("worker").await;
-    provision(&worker).await;
+    provision(&secured, &worker).await;
     let acme = secured.connect("acme").await;
     let globex = secured.connect("globex").await;
     let mut acme_sees = acme.client.subscribe("results.acme.>").await.unwrap();
-
     let mut globex_wildcard = globex.client.subscribe("results.>").await.unwrap();
-    globex.violation("results.>").await;
-    let mut globex_targeted = globex.client.subscribe("results.acme.>").await.unwrap();
-    globex.violation("results.acme.>").await;
+    let mut globex_all = globex.client.subscribe(">").await.unwrap();
+    // The subscriptions are in place at the server before the result comes.
+    acme.client.flush().await.unwrap();
+    globex.client.flush().await.unwrap();
 
-    // A worker stores a result for acme.
+    // A worker stores a result for acme: into acme's own results stream.
     let result = JobResult::error(
         "j1".into(),
         jetinfer_schemas::JobError::new(ErrorCode::Internal, "x"),
@@ -329,66 +327,52 @@ async fn a_producer_cannot_read_another_tenants_results() {
         .unwrap();
     assert_eq!(delivered.subject.as_str(), "results.acme.c1");
     nothing_arrives(&mut globex_wildcard).await;
-    nothing_arrives(&mut globex_targeted).await;
+    nothing_arrives(&mut globex_all).await;
 
-    // Nor from the results stream: catching up on acme's inbox is refused...
+    // Nor from the results stream: globex's own holds nothing of acme's.
     let epoch = time::OffsetDateTime::UNIX_EPOCH;
-    assert!(
-        results::since(&globex.js, "results.acme.c1", epoch)
-            .await
-            .is_err(),
-        "globex read acme's stored results"
-    );
-    let violation = globex.errors.lock().unwrap().iter().any(|e| {
-        e.contains("$JS.API.CONSUMER.CREATE.JETINFER_RESULTS.") && e.contains("results.acme.c1")
-    });
-    assert!(violation, "{:?}", globex.errors.lock().unwrap());
-    // ...and so is a consumer whose subject claims globex's results while
-    // its body asks for acme's: the server checks the two agree.
-    let request = serde_json::json!({
-        "stream_name": "JETINFER_RESULTS",
-        "config": {"name": "disguised", "filter_subject": "results.acme.c1",
-                   "ack_policy": "none", "deliver_policy": "all"},
-    });
-    let answer = globex
-        .client
-        .request(
-            "$JS.API.CONSUMER.CREATE.JETINFER_RESULTS.disguised.results.globex.c1",
-            serde_json::to_vec(&request).unwrap().into(),
-        )
+    let seen = results::since(&globex.js, "results.acme.c1", epoch)
         .await
-        .expect("the API answers");
-    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert!(answer.get("error").is_some(), "consumer created: {answer}");
-    // acme itself reads it back fine.
+        .expect("globex reads its own results stream");
+    assert!(seen.is_empty(), "globex read acme's results: {seen:?}");
+    // acme reads it back from its own.
     let own = results::since(&acme.js, "results.acme.c1", epoch)
         .await
         .unwrap();
     assert_eq!(own.len(), 1);
 
-    // Nor can globex cancel acme's bulk runs or read their records.
-    globex
-        .client
-        .publish("$KV.JETINFER_BULK.cancel.acme.r1", "cancelled".into())
+    // Nor can globex cancel acme's bulk runs: its cancel notices can only
+    // be its own (the import names globex), and acme's bucket is not there.
+    let stored = globex
+        .js
+        .publish("cancels.acme", "r1".into())
         .await
-        .unwrap();
-    globex.client.flush().await.unwrap();
-    globex.violation("$KV.JETINFER_BULK.cancel.acme.r1").await;
-    let direct_get = "$JS.API.DIRECT.GET.KV_JETINFER_BULK.$KV.JETINFER_BULK.run.acme.r1";
-    let answer = tokio::time::timeout(
-        Duration::from_secs(2),
-        globex.client.request(direct_get, "".into()),
-    )
-    .await;
-    assert!(!matches!(answer, Ok(Ok(_))), "{direct_get} answered");
-    globex.violation(direct_get).await;
+        .unwrap()
+        .await;
+    assert!(stored.is_err(), "globex announced a cancel as acme");
+    assert!(
+        jetinfer_nats::bulk::bucket(&globex.js).await.is_err()
+            || jetinfer_nats::bulk::get_record(
+                &jetinfer_nats::bulk::bucket(&globex.js).await.unwrap(),
+                &Tenant::new("acme").unwrap(),
+                "r1"
+            )
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        secured.violations().is_empty(),
+        "{:?}",
+        secured.violations()
+    );
 }
 
 #[tokio::test]
 async fn a_worker_cannot_publish_jobs_or_use_the_jetstream_api_beyond_its_needs() {
     let secured = Secured::start();
     let worker = secured.connect("worker").await;
-    provision(&worker).await;
+    provision(&secured, &worker).await;
     let ops = secured.connect("ops").await;
 
     // Enqueue work (e.g. a result's reply subject pointed at jobs.>).
@@ -408,7 +392,7 @@ async fn a_worker_cannot_publish_jobs_or_use_the_jetstream_api_beyond_its_needs(
         .await;
     for (subject, body) in [
         ("$JS.API.STREAM.PURGE.JETINFER_JOBS", "{}"),
-        ("$JS.API.STREAM.PURGE.JETINFER_RESULTS", "{}"),
+        ("$JS.API.STREAM.PURGE.JETINFER_DLQ", "{}"),
         ("$JS.API.CONSUMER.DELETE.JETINFER_JOBS.worker-minilm", ""),
         (
             "$JS.API.STREAM.CREATE.SHADOW",
@@ -457,7 +441,7 @@ async fn a_worker_cannot_publish_jobs_or_use_the_jetstream_api_beyond_its_needs(
 async fn ops_reads_queue_state_and_changes_nothing() {
     let secured = Secured::start();
     let worker = secured.connect("worker").await;
-    provision(&worker).await;
+    provision(&secured, &worker).await;
     let ops = secured.connect("ops").await;
 
     let stream = ops
@@ -493,7 +477,7 @@ async fn the_tls_variant_serves_mutual_tls_clients_and_refuses_the_rest() {
 
     // Certificate and NKey: a worker provisions and a producer submits.
     let worker = secured.connect("worker").await;
-    provision(&worker).await;
+    provision(&secured, &worker).await;
     let acme = secured.connect("acme").await;
     jetinfer_nats::publish_job(
         &acme.js,

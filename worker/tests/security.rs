@@ -178,7 +178,7 @@ async fn a_tenant_at_its_queue_quota_gets_quota_exceeded_while_other_tenants_are
         ..StreamSettings::default()
     };
     // The queue exists but no worker is consuming yet, so jobs stay queued.
-    let stream = jetinfer_nats::provision_stream(&js, &settings)
+    let stream = jetinfer_nats::provision_stream(&js, &settings, "minilm")
         .await
         .unwrap();
     jetinfer_nats::provision_consumer(&stream, "minilm", &ConsumerSettings::default())

@@ -251,7 +251,6 @@ struct Context {
     tenant: Tenant,
     run: String,
     inbox: String,
-    stream: String,
     shared: Arc<Mutex<Shared>>,
     permits: Arc<Semaphore>,
 }
@@ -296,7 +295,10 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
 
     let nats = jetinfer_nats::connect(&config.nats).await?;
     let js = jetstream::new(nats);
-    let kv = bulk::bucket(&js).await?;
+    jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas)
+        .await
+        .map_err(|e| BulkError::Results(e.to_string()))?;
+    let kv = bulk::ensure_bucket(&js, config.results_max_age, config.replicas).await?;
     if bulk::is_cancelled(&kv, &tenant, &run).await? {
         return Err(BulkError::Cancelled(run));
     }
@@ -324,7 +326,6 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
         tenant: tenant.clone(),
         run: run.clone(),
         inbox,
-        stream: config.stream.clone(),
         shared: Arc::clone(&shared),
         permits: Arc::clone(&permits),
     });
@@ -535,9 +536,13 @@ async fn submit_lines(
             biased;
             _ = stop.cancelled() => break Ok(()),
             Some(published) = publishing.next(), if !publishing.is_empty() => match published {
-                Ok(duplicate) => {
+                Ok(Published::Stored { duplicate }) => {
                     stats.submitted += 1;
                     stats.deduplicated += u64::from(duplicate);
+                }
+                Ok(Published::NotServed { line, custom_id, model }) => {
+                    let _ = refusals.send(not_served(line, custom_id, &model)).await;
+                    models.insert(model, false);
                 }
                 Err(err) => break Err(err),
             },
@@ -550,12 +555,8 @@ async fn submit_lines(
                     }
                     Some(Line::Job { line, custom_id, key, job }) => (line, custom_id, key, job),
                 };
-                if !model_served(&context, &mut models, &job.model).await {
-                    let message = format!(
-                        "line {line}: no worker has ever served model {:?} on this server: check the model name or start a worker for it",
-                        job.model
-                    );
-                    let _ = refusals.send(Refusal { line, custom_id: Some(custom_id), code: ErrorCode::UnknownModel.as_str(), message }).await;
+                if models.get(&job.model) == Some(&false) {
+                    let _ = refusals.send(not_served(line, custom_id, &job.model)).await;
                     continue;
                 }
                 let permit = tokio::select! {
@@ -571,16 +572,23 @@ async fn submit_lines(
                     }
                     shared.in_flight.insert(key);
                 }
-                publishing.push(publish(Arc::clone(&context), job, custom_id, key));
+                publishing.push(publish(Arc::clone(&context), job, line, custom_id, key));
             }
         }
     };
     // Publishes under way finish either way: their results are awaited.
     while let Some(published) = publishing.next().await {
         match published {
-            Ok(duplicate) => {
+            Ok(Published::Stored { duplicate }) => {
                 stats.submitted += 1;
                 stats.deduplicated += u64::from(duplicate);
+            }
+            Ok(Published::NotServed {
+                line,
+                custom_id,
+                model,
+            }) => {
+                let _ = refusals.send(not_served(line, custom_id, &model)).await;
             }
             Err(err) => tracing::warn!(error = %err, "publishing failed"),
         }
@@ -590,15 +598,39 @@ async fn submit_lines(
     outcome.map(|()| stats)
 }
 
+/// What became of one line's job.
+enum Published {
+    /// JetStream holds it; `duplicate` when it already did.
+    Stored { duplicate: bool },
+    /// No stream listens on its model's subject: no worker serves the model.
+    NotServed {
+        line: u64,
+        custom_id: String,
+        model: String,
+    },
+}
+
+/// The refusal of a line whose model no worker serves.
+fn not_served(line: u64, custom_id: String, model: &str) -> Refusal {
+    Refusal {
+        line,
+        custom_id: Some(custom_id),
+        code: ErrorCode::UnknownModel.as_str(),
+        message: format!(
+            "line {line}: no worker serves model {model:?} on this server: check the model name or start a worker for it"
+        ),
+    }
+}
+
 /// Publishes one job, retrying while the stream is full or JetStream does not
-/// answer (same job id: a publish that did land is de-duplicated). Returns
-/// whether JetStream already held the job.
+/// answer (same job id: a publish that did land is de-duplicated).
 async fn publish(
     context: Arc<Context>,
     job: Job,
+    line: u64,
     custom_id: String,
     key: u64,
-) -> Result<bool, BulkError> {
+) -> Result<Published, BulkError> {
     let mut delay = RETRY_MIN;
     loop {
         match jetinfer_nats::publish_bulk_job(
@@ -610,7 +642,27 @@ async fn publish(
         )
         .await
         {
-            Ok(ack) => return Ok(ack.duplicate),
+            Ok(ack) => {
+                return Ok(Published::Stored {
+                    duplicate: ack.duplicate,
+                })
+            }
+            Err(PublishJobError::NoStream) => {
+                if context
+                    .shared
+                    .lock()
+                    .expect("shared lock")
+                    .in_flight
+                    .remove(&key)
+                {
+                    context.permits.add_permits(1);
+                }
+                return Ok(Published::NotServed {
+                    line,
+                    custom_id,
+                    model: job.model,
+                });
+            }
             Err(err) if err.is_transient() || matches!(err, PublishJobError::QueueFull) => {
                 tracing::debug!(error = %err, "publish refused for now; retrying");
                 tokio::time::sleep(delay).await;
@@ -630,23 +682,6 @@ async fn publish(
             }
         }
     }
-}
-
-/// Whether a worker ever served `model` here (its consumer exists); a job for
-/// one that none did would wait for ever.
-async fn model_served(context: &Context, models: &mut HashMap<String, bool>, model: &str) -> bool {
-    if let Some(known) = models.get(model) {
-        return *known;
-    }
-    let served = match subjects::consumer_name(model) {
-        Ok(consumer) => match context.js.get_stream(&context.stream).await {
-            Ok(stream) => stream.consumer_info(&consumer).await.is_ok(),
-            Err(_) => false,
-        },
-        Err(_) => false,
-    };
-    models.insert(model.to_string(), served);
-    served
 }
 
 /// Counts of a run, from its record and the results stream.
@@ -746,7 +781,7 @@ pub async fn cancel(config: &ClientConfig, run: &str) -> Result<RunStatus, BulkE
     let nats = jetinfer_nats::connect(&config.nats).await?;
     let js = jetstream::new(nats);
     let kv = bulk::bucket(&js).await?;
-    bulk::cancel(&kv, &tenant, run).await?;
+    bulk::cancel(&js, &kv, &tenant, run).await?;
     if let Some(mut record) = bulk::get_record(&kv, &tenant, run).await? {
         record.state = RunState::Cancelled;
         write_record(&kv, &tenant, &mut record).await;

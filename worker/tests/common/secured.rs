@@ -157,6 +157,19 @@ impl Observed {
 }
 
 impl Secured {
+    /// A worker's config for this server: the worker role's credentials, and
+    /// tenants in accounts of their own (the worker makes no results stream).
+    pub fn worker_config(
+        &self,
+        backend: jetinfer_worker::config::BackendKind,
+        batch: jetinfer_worker::config::BatchConfig,
+    ) -> jetinfer_worker::config::WorkerConfig {
+        let mut config = super::worker_config(&self.server, backend, batch);
+        config.nats = self.nats("worker");
+        config.stream.tenant_accounts = true;
+        config
+    }
+
     /// Makes what `tenant`'s producers need on the server before its first
     /// job, the way its own producer does (a `Client` connecting).
     pub async fn provision_tenant(&self, tenant: &str) {
