@@ -163,7 +163,10 @@ impl<J: BatchJob> Queue<J> {
 
     /// The lane holding the oldest waiting input.
     fn oldest_lane(&self) -> Option<usize> {
-        (0..self.lanes.len()).min_by_key(|&l| self.lanes[l].items.front().map(|w| w.seq))
+        (0..self.lanes.len())
+            .filter_map(|l| Some((self.lanes[l].items.front()?.seq, l)))
+            .min()
+            .map(|(_, l)| l)
     }
 
     /// When the oldest waiting input arrived.
@@ -207,10 +210,9 @@ pub fn take_batch<J: BatchJob>(
     let Some(anchor_lane) = queue.oldest_lane() else {
         return Vec::new();
     };
-    let anchor = queue.lanes[anchor_lane]
-        .items
-        .pop_front()
-        .expect("the oldest lane has an input");
+    let Some(anchor) = queue.lanes[anchor_lane].items.pop_front() else {
+        return Vec::new();
+    };
     let anchor_len = anchor.len;
     let window = limits.max_inputs.saturating_mul(LOOKAHEAD_BATCHES).max(1);
 
