@@ -28,6 +28,10 @@ pub enum ErrorCode {
     /// The tenant sent jobs faster than its rate limit allows. The job was not
     /// run; submit it again after [`JobError::retry_after`].
     RateLimited,
+    /// The job costs more (inputs or tokens) than its tenant's rate-limit
+    /// burst, so it could never pass the limit: waiting would not help.
+    /// Split it into smaller jobs.
+    TooCostly,
     /// The job's bulk run was cancelled (`jetinfer bulk cancel`) before the
     /// job was computed.
     Cancelled,
@@ -49,6 +53,7 @@ impl ErrorCode {
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Internal => "internal",
             Self::RateLimited => "rate_limited",
+            Self::TooCostly => "too_costly",
             Self::Cancelled => "cancelled",
             Self::Unknown => "unknown",
         }

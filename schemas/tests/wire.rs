@@ -110,6 +110,21 @@ fn unknown_error_code_from_a_newer_worker_still_decodes() {
 }
 
 #[test]
+fn too_costly_errors_round_trip_under_their_wire_name_without_retry_after() {
+    let refused = JobResult::error(
+        "job-5".into(),
+        JobError::new(ErrorCode::TooCostly, "more tokens than the burst"),
+    );
+    let bytes = encode_result(&refused);
+    assert!(bytes.windows(10).any(|w| w == b"too_costly"));
+    let back = decode_result(&bytes).unwrap().into_result().unwrap_err();
+    assert_eq!(back.code, ErrorCode::TooCostly);
+    assert_eq!(back.code.as_str(), "too_costly");
+    // Waiting would not help, so the worker names no wait.
+    assert_eq!(back.retry_after(), None);
+}
+
+#[test]
 fn rate_limited_errors_carry_retry_after_and_older_readers_still_decode_them() {
     let limited = JobResult::error(
         "job-3".into(),

@@ -306,7 +306,8 @@ impl Default for ReplyConfig {
 }
 
 /// Per-tenant rate limits of this worker process: `default` for every tenant
-/// without an entry in `tenants`. A rate of 0 is no limit (the default).
+/// without an entry in `tenants` (an entry replaces the default as a whole).
+/// Every limit of 0 is no limit (the default).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RateLimitConfig {
@@ -314,6 +315,10 @@ pub struct RateLimitConfig {
     pub tenants: BTreeMap<String, TenantRate>,
 }
 
+/// One tenant's limits, by count and by cost. A job must pass each limit
+/// that is set: jobs and inputs are counted before tokenisation, tokens
+/// (the sum of the job's inputs' real tokens) after it. A job that costs
+/// more than a burst can never pass it and is answered `too_costly`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TenantRate {
@@ -321,6 +326,23 @@ pub struct TenantRate {
     pub jobs_per_second: f64,
     /// Jobs accepted at once after a quiet spell; 0: one second's worth.
     pub burst: u32,
+    /// Sustained inputs per second, over all the tenant's jobs; 0: unlimited.
+    pub inputs_per_second: f64,
+    /// Inputs accepted at once; 0: one second's worth. Also the most inputs
+    /// one job may carry under this limit.
+    pub inputs_burst: u32,
+    /// Sustained tokens per second (real tokens, after truncation); 0:
+    /// unlimited.
+    pub tokens_per_second: f64,
+    /// Tokens accepted at once; 0: one second's worth. Also the most tokens
+    /// one job may cost under this limit.
+    pub tokens_burst: u32,
+    /// Most jobs of the tenant one worker holds at once (admitted, not yet
+    /// answered); past it a job is answered `rate_limited`. 0: no cap. It
+    /// keeps one tenant from taking every delivery slot the consumer's
+    /// `max_ack_pending` allows, which would hold other tenants' jobs in
+    /// the stream behind its own.
+    pub max_held_jobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! The intake stage: pulls job messages from the model's consumer, screens
 //! them ([`screen`]: reply subject, size, decoding, limits, model, deadline),
-//! applies the tenant's rate limit, tokenises their inputs off the runtime,
-//! and hands admitted jobs to the batcher. A job that can never succeed is
+//! applies the tenant's limits (held jobs, jobs and inputs per second),
+//! tokenises their inputs off the runtime, charges the tokens to the
+//! tenant's token rate, and hands admitted jobs to the batcher. A job that can never succeed is
 //! answered here with a typed error and never reaches the model.
 
 use std::sync::Arc;
@@ -149,14 +150,22 @@ impl Intake {
                 .await;
             return None;
         }
-        if let Err(wait) = self.rates.check(&tenant) {
-            let error = JobError::rate_limited(
-                format!("tenant {tenant} is over its rate limit; submit again after the wait"),
-                wait,
-            );
-            // Answered, so not a dead letter: retrying is the client's call.
+        // Before any work: the tenant's share of this worker, then its rates
+        // by count and inputs. A refused job is answered, so not a dead
+        // letter: retrying (or splitting a too costly job) is the client's call.
+        let admitted = self
+            .rates
+            .check_held(&tenant, self.settler.ledger().held_by(&tenant))
+            .and_then(|()| self.rates.check_job(&tenant, job.inputs.len()));
+        if let Err(refused) = admitted {
             self.settler
-                .give_up(&message, Some(&reply_to), &job.id, error, false)
+                .give_up(
+                    &message,
+                    Some(&reply_to),
+                    &job.id,
+                    refused.error(&tenant),
+                    false,
+                )
                 .await;
             return None;
         }
@@ -174,6 +183,19 @@ impl Intake {
                 return None;
             }
         };
+        let cost = tokens.iter().map(|t| t.ids.len()).sum();
+        if let Err(refused) = self.rates.check_tokens(&tenant, cost) {
+            self.settler
+                .give_up(
+                    &message,
+                    Some(&reply_to),
+                    &job.id,
+                    refused.error(&tenant),
+                    false,
+                )
+                .await;
+            return None;
+        }
         Some(
             InFlightJob::new(
                 key,
@@ -186,7 +208,8 @@ impl Intake {
                 published,
                 tokens,
             )
-            .with_cancel_flag(cancel_flag),
+            .with_cancel_flag(cancel_flag)
+            .with_tenant(tenant),
         )
     }
 

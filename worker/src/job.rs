@@ -31,6 +31,9 @@ pub struct InFlightJob {
     pub span: tracing::Span,
     /// Set once the job's bulk run is cancelled (`None`: not a bulk job).
     pub cancelled: Option<Arc<AtomicBool>>,
+    /// The tenant of the job's subject (screened at intake): what the
+    /// batcher shares batches between and the ledger counts held jobs by.
+    pub tenant: String,
     assembly: Mutex<Assembly>,
 }
 
@@ -85,6 +88,7 @@ impl InFlightJob {
             tokens,
             span: tracing::Span::none(),
             cancelled: None,
+            tenant: String::new(),
             assembly: Mutex::new(assembly),
         }
     }
@@ -98,6 +102,12 @@ impl InFlightJob {
     /// The job with the cancel flag of its bulk run.
     pub fn with_cancel_flag(mut self, flag: Option<Arc<AtomicBool>>) -> Self {
         self.cancelled = flag;
+        self
+    }
+
+    /// The job of `tenant`.
+    pub fn with_tenant(mut self, tenant: String) -> Self {
+        self.tenant = tenant;
         self
     }
 
@@ -183,39 +193,70 @@ impl BatchJob for InFlightJob {
     fn input_lens(&self) -> Vec<usize> {
         self.tokens.iter().map(|t| t.ids.len()).collect()
     }
+
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
 }
 
 /// Every job the worker holds and has not settled (acked, NAKed or
 /// terminated). It lets the worker keep long waits alive with progress acks,
-/// and NAK what is left when a drain runs out of time.
+/// NAK what is left when a drain runs out of time, and cap the jobs one
+/// tenant holds here (`rate_limit` `max_held_jobs`).
 #[derive(Default)]
 pub struct Ledger {
-    jobs: Mutex<HashMap<u64, Arc<InFlightJob>>>,
+    held: Mutex<Held>,
+}
+
+/// The ledger's state. `per_tenant` has an entry only for tenants holding
+/// at least one job, so it is no larger than `jobs`.
+#[derive(Default)]
+struct Held {
+    jobs: HashMap<u64, Arc<InFlightJob>>,
+    per_tenant: HashMap<String, usize>,
 }
 
 impl Ledger {
     pub fn insert(&self, job: &Arc<InFlightJob>) {
-        self.lock().insert(job.key, Arc::clone(job));
+        let mut held = self.lock();
+        if held.jobs.insert(job.key, Arc::clone(job)).is_none() {
+            *held.per_tenant.entry(job.tenant.clone()).or_default() += 1;
+        }
     }
 
     pub fn remove(&self, job: &InFlightJob) {
-        self.lock().remove(&job.key);
+        let mut held = self.lock();
+        // Counted down once: a job settled twice changes nothing the second time.
+        let Some(removed) = held.jobs.remove(&job.key) else {
+            return;
+        };
+        if let Some(count) = held.per_tenant.get_mut(&removed.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                held.per_tenant.remove(&removed.tenant);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().jobs.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// A snapshot of the jobs held now.
-    pub fn jobs(&self) -> Vec<Arc<InFlightJob>> {
-        self.lock().values().cloned().collect()
+    /// How many jobs of `tenant` are held now.
+    pub fn held_by(&self, tenant: &str) -> usize {
+        self.lock().per_tenant.get(tenant).copied().unwrap_or(0)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<InFlightJob>>> {
-        self.jobs.lock().expect("ledger lock")
+    /// A snapshot of the jobs held now.
+    pub fn jobs(&self) -> Vec<Arc<InFlightJob>> {
+        self.lock().jobs.values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().expect("ledger lock")
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! 1. [`intake`]: pull from JetStream, screen (reply subject, size, decoding,
 //!    limits, model), apply the tenant's [`rate_limit`], tokenise;
-//! 2. [`batch`]: form batches across jobs (inputs, padded tokens, max wait);
+//! 2. [`batch`]: form batches across jobs (inputs, padded tokens, max wait),
+//!    shared fairly between tenants;
 //! 3. [`infer`]: run each batch through the [`backend::Backend`] on its own thread;
 //! 4. [`publish`]: reply on each job's reply subject, flush, then ack.
 //!
@@ -49,8 +50,9 @@ use config::{BackendKind, ModelConfig, WorkerConfig};
 use job::Ledger;
 use publish::Settler;
 
-/// Jobs admitted but not yet batched; bounds the worker's memory together with
-/// the consumer's `max_ack_pending`.
+/// Jobs admitted but not yet taken by the batcher, which takes them as they
+/// come (they wait in its per-tenant lanes, not here in arrival order). The
+/// worker's memory is bounded by the consumer's `max_ack_pending`.
 const ADMITTED_QUEUE: usize = 1024;
 /// Finished batches waiting for the publish stage.
 const DONE_QUEUE: usize = 4;

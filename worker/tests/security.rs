@@ -251,6 +251,7 @@ async fn a_tenant_over_its_rate_gets_rate_limited_with_retry_after_and_others_ar
         TenantRate {
             jobs_per_second: 0.5,
             burst: 2,
+            ..TenantRate::default()
         },
     );
     let worker = start_worker(config, echo()).await;
@@ -416,6 +417,7 @@ async fn a_tenant_flooding_at_ten_times_its_quota_does_not_starve_another_tenant
         TenantRate {
             jobs_per_second: FLOOD_RATE,
             burst: FLOOD_BURST,
+            ..TenantRate::default()
         },
     );
     let worker = start_worker(
