@@ -63,10 +63,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .unwrap();
     let stderr = printed(&out);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("no worker serves model"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no worker serves model"), "{stderr}");
 
     // The environment overrides the file: the wrong token is refused.
     let out = jetinfer(&server)
@@ -92,10 +89,7 @@ fn token_from_the_config_file_or_environment_is_used_and_never_shown() {
         .output()
         .unwrap();
     let stderr = printed(&out);
-    assert!(
-        stderr.contains("no worker serves model"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no worker serves model"), "{stderr}");
 
     // No credentials at all: refused.
     let out = jetinfer(&server).args(["embed", "hello"]).output().unwrap();

@@ -38,9 +38,7 @@ async fn tenant_client(secured: &Secured, tenant: &str) -> Client {
 }
 
 fn worker_config(secured: &Secured) -> WorkerConfig {
-    let mut config =
-        common::worker_config(&secured.server, BackendKind::Echo, BatchConfig::default());
-    config.nats = secured.nats("worker");
+    let mut config = secured.worker_config(BackendKind::Echo, BatchConfig::default());
     config.model.echo_delay_per_token_us = ECHO_DELAY_PER_TOKEN_US;
     config
 }
