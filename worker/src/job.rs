@@ -188,18 +188,34 @@ impl BatchJob for InFlightJob {
 /// Every job the worker holds and has not settled (acked, NAKed or
 /// terminated). It lets the worker keep long waits alive with progress acks,
 /// and NAK what is left when a drain runs out of time.
-#[derive(Default)]
+///
+/// It also keeps `jetinfer_jobs_in_flight` true: the gauge moves here and
+/// only here, up when a job enters and down when it leaves, whichever path
+/// settled it, and never twice for one job.
 pub struct Ledger {
+    /// The `model` label of the gauge.
+    model: String,
     jobs: Mutex<HashMap<u64, Arc<InFlightJob>>>,
 }
 
 impl Ledger {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            jobs: Mutex::default(),
+        }
+    }
+
     pub fn insert(&self, job: &Arc<InFlightJob>) {
-        self.lock().insert(job.key, Arc::clone(job));
+        if self.lock().insert(job.key, Arc::clone(job)).is_none() {
+            jetinfer_monitoring::job_admitted(&self.model);
+        }
     }
 
     pub fn remove(&self, job: &InFlightJob) {
-        self.lock().remove(&job.key);
+        if self.lock().remove(&job.key).is_some() {
+            jetinfer_monitoring::job_released(&self.model);
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -174,7 +174,7 @@ impl Worker {
 
         let shutdown = CancellationToken::new();
         let helpers_stop = CancellationToken::new();
-        let ledger = Arc::new(Ledger::default());
+        let ledger = Arc::new(Ledger::new(config.model.name.clone()));
         let cancellations = Arc::new(cancel::Cancellations::default());
         let settler = Settler::new(
             client.clone(),

@@ -62,12 +62,12 @@ impl Settler {
     /// Takes an admitted job into the ledger until it is settled.
     pub fn admitted(&self, job: &Arc<InFlightJob>) {
         self.ledger.insert(job);
-        jetinfer_monitoring::job_admitted(&self.model);
     }
 
+    /// Every settled admitted job leaves the ledger here (which moves the
+    /// in-flight gauge).
     fn release(&self, job: &InFlightJob) {
         self.ledger.remove(job);
-        jetinfer_monitoring::job_released(&self.model);
     }
 
     /// Publishes each reply into the results stream and, once JetStream has
@@ -248,7 +248,7 @@ impl Settler {
     pub async fn give_up_job(&self, job: &InFlightJob, error: JobError, keep: bool) {
         self.give_up(&job.message, Some(&job.reply_to), &job.id, error, keep)
             .await;
-        self.ledger.remove(job);
+        self.release(job);
     }
 }
 
