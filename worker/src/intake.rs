@@ -52,8 +52,14 @@ impl Intake {
     /// `pull.expires`), so on shutdown the worker knows exactly what it was
     /// sent: messages of the last request that arrive after shutdown are
     /// NAKed for another worker at once instead of waiting out `ack_wait`.
+    ///
+    /// If the batcher is gone (the worker is failing, see
+    /// [`crate::supervise`]), intake stops the same way: the rest of the
+    /// request is handed back, and the job it could not pass on stays in the
+    /// ledger for the stopping worker to hand back.
     pub async fn run(self, jobs: mpsc::Sender<Arc<InFlightJob>>, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
+        let mut downstream_gone = false;
+        while !shutdown.is_cancelled() && !downstream_gone {
             let request = self
                 .consumer
                 .batch()
@@ -80,7 +86,7 @@ impl Intake {
                         break;
                     }
                 };
-                if shutdown.is_cancelled() {
+                if shutdown.is_cancelled() || downstream_gone {
                     if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
                         tracing::warn!(error = %err, "handing back a job failed; it returns after ack_wait");
                     }
@@ -91,7 +97,7 @@ impl Intake {
                     let job = Arc::new(job.with_span(span));
                     self.settler.admitted(&job);
                     if jobs.send(job).await.is_err() {
-                        return;
+                        downstream_gone = true;
                     }
                 }
             }

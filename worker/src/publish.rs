@@ -284,6 +284,17 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
         for (item, embedding) in batch.items.into_iter().zip(embeddings) {
             let embedding = match embedding {
                 Ok(embedding) => embedding,
+                Err(err) if err.is_permanent() => {
+                    // A panic or a broken count, on this input alone: it
+                    // would fail the same way anywhere. Answered and
+                    // dead-lettered now, not redelivered to max_deliver.
+                    if item.job.fail() {
+                        tracing::warn!(job = %item.job.id, error = %err, "inference failed for good");
+                        let error = JobError::new(ErrorCode::Internal, err.to_string());
+                        settler.give_up_job(&item.job, error, true).await;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     // Maybe a passing condition (memory, a device reset): retry
                     // the job later. One that keeps failing reaches max_deliver
