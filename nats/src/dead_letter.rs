@@ -71,7 +71,7 @@ pub async fn publish(
         .map_err(|e| DeadLetterError(e.to_string()))?;
     let mut out = HeaderMap::new();
     if let Some(id) = letter.headers.and_then(|h| h.get(headers::MSG_ID)) {
-        out.insert(JOB_ID, id.as_str());
+        out.insert(JOB_ID, crate::publish::job_id_of(id.as_str()));
     }
     if let Some(original) = letter.headers {
         for (name, values) in original.iter() {

@@ -196,6 +196,22 @@ pub fn dedup_id(tenant: &Tenant, id: &str) -> String {
     msg_id
 }
 
+/// The job id inside a `Nats-Msg-Id`: without its [`dedup_id`] tag if it has
+/// one (older producers and raw publishers send the bare id).
+pub fn job_id_of(msg_id: &str) -> &str {
+    let tag_len = 1 + DEDUP_TAG_HEX;
+    if msg_id.len() > tag_len && msg_id.is_char_boundary(msg_id.len() - tag_len) {
+        let (id, tag) = msg_id.split_at(msg_id.len() - tag_len);
+        let hex = tag[1..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if tag.starts_with(DEDUP_TAG_SEPARATOR) && hex {
+            return id;
+        }
+    }
+    msg_id
+}
+
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero.
 pub fn valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
@@ -250,6 +266,9 @@ mod tests {
         assert_eq!(id.len(), "nightly:doc-1~".len() + DEDUP_TAG_HEX);
         assert_ne!(id, dedup_id(&globex, "nightly:doc-1"));
         assert_ne!(id, dedup_id(&acme, "nightly:doc-2"));
+        assert_eq!(job_id_of(&id), "nightly:doc-1");
+        assert_eq!(job_id_of("plain-id"), "plain-id");
+        assert_eq!(job_id_of("a~not-a-tag"), "a~not-a-tag");
     }
 
     #[test]

@@ -134,8 +134,19 @@ impl NatsServer {
     /// Stops the server hard (SIGKILL) and starts it again on the same port
     /// and store, as after a crash.
     pub fn restart(&mut self) {
+        self.kill();
+        self.resume();
+    }
+
+    /// Stops the server hard (SIGKILL), keeping its port and store for
+    /// [`NatsServer::resume`]: clients see it gone until then.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same port and store.
+    pub fn resume(&mut self) {
         self.child = spawn(self.port, self.store.path(), &self.extra, &self.env);
         self.wait_ready();
     }

@@ -40,6 +40,10 @@ pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 /// How often the worker reads queue depth from JetStream.
 pub const DEFAULT_QUEUE_POLL: Duration = Duration::from_secs(5);
+/// How long the worker may stay disconnected from NATS before it exits:
+/// longer than a server restart or a cluster failover takes, short enough
+/// that an orchestrator replaces a worker whose network is gone.
+pub const DEFAULT_MAX_DISCONNECTED: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -55,6 +59,7 @@ pub struct WorkerConfig {
     pub rate_limit: RateLimitConfig,
     pub retry: RetryConfig,
     pub shutdown: ShutdownConfig,
+    pub supervision: SupervisionConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
     pub monitoring: MonitoringConfig,
@@ -242,6 +247,26 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// When a running worker gives up on its own (`crate::supervise`): a
+/// pipeline stage gone stops it at once; a NATS connection only after this
+/// long. While disconnected `/readyz` answers 503 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SupervisionConfig {
+    /// Seconds disconnected from NATS (async-nats reconnecting) before the
+    /// worker stops and exits non-zero, so an orchestrator restarts it.
+    #[serde(with = "secs")]
+    pub max_disconnected: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            max_disconnected: DEFAULT_MAX_DISCONNECTED,
         }
     }
 }

@@ -3,8 +3,10 @@
 //! - `/metrics`: Prometheus exposition (names and buckets in `jetinfer-monitoring`);
 //! - `/healthz`: the process is alive (200 from the moment it listens, even
 //!   while the model loads, so a startup probe can wait for it);
-//! - `/readyz`: 200 only while connected to NATS, with the model loaded and
-//!   the consumer bound; 503 with the reasons otherwise (also while draining).
+//! - `/readyz`: 200 only while connected to NATS (and the connection
+//!   answers), with the model loaded and the consumer bound; 503 with the
+//!   reasons otherwise (also while draining, and for good once the worker
+//!   stops on a failure: a stage gone, the connection lost).
 //!
 //! The binary starts this first, so the endpoints answer during model load;
 //! [`Health`] is shared with the worker, which flips its flags.
@@ -43,6 +45,12 @@ struct HealthState {
     client: Option<async_nats::Client>,
     model_loaded: bool,
     consumer_bound: bool,
+    /// The connection watch's last flush did not go through in time.
+    connection_silent: bool,
+    /// The client's connection task is gone: it never reconnects.
+    connection_gone: bool,
+    /// Why the worker stopped on its own, if it did.
+    failure: Option<String>,
 }
 
 impl Health {
@@ -58,22 +66,43 @@ impl Health {
         self.state.write().expect("health lock").consumer_bound = bound;
     }
 
+    /// Whether the connection watch's last flush went through in time.
+    pub fn set_connection_answering(&self, answering: bool) {
+        self.state.write().expect("health lock").connection_silent = !answering;
+    }
+
+    /// The client's connection task is gone; its last state no longer counts.
+    pub fn set_connection_gone(&self) {
+        self.state.write().expect("health lock").connection_gone = true;
+    }
+
+    /// The worker stopped on its own: not ready for good, saying why.
+    pub fn set_failed(&self, why: String) {
+        self.state.write().expect("health lock").failure = Some(why);
+    }
+
     /// What keeps the worker from being ready; empty when it is ready.
-    pub fn not_ready(&self) -> Vec<&'static str> {
+    pub fn not_ready(&self) -> Vec<String> {
         let state = self.state.read().expect("health lock");
-        let connected = state
-            .client
-            .as_ref()
-            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+        let connected = !state.connection_gone
+            && state
+                .client
+                .as_ref()
+                .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
         let mut reasons = Vec::new();
+        if let Some(why) = &state.failure {
+            reasons.push(format!("stopped: {why}"));
+        }
         if !connected {
-            reasons.push("not connected to NATS");
+            reasons.push("not connected to NATS".to_string());
+        } else if state.connection_silent {
+            reasons.push("NATS connection not answering".to_string());
         }
         if !state.model_loaded {
-            reasons.push("model not loaded");
+            reasons.push("model not loaded".to_string());
         }
         if !state.consumer_bound {
-            reasons.push("consumer not bound");
+            reasons.push("consumer not bound".to_string());
         }
         reasons
     }

@@ -53,8 +53,14 @@ impl Intake {
     /// `pull.expires`), so on shutdown the worker knows exactly what it was
     /// sent: messages of the last request that arrive after shutdown are
     /// NAKed for another worker at once instead of waiting out `ack_wait`.
+    ///
+    /// If the batcher is gone (the worker is failing, see
+    /// [`crate::supervise`]), intake stops the same way: the rest of the
+    /// request is handed back, and the job it could not pass on stays in the
+    /// ledger for the stopping worker to hand back.
     pub async fn run(self, jobs: mpsc::Sender<Arc<InFlightJob>>, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
+        let mut downstream_gone = false;
+        while !shutdown.is_cancelled() && !downstream_gone {
             let request = self
                 .consumer
                 .batch()
@@ -81,7 +87,7 @@ impl Intake {
                         break;
                     }
                 };
-                if shutdown.is_cancelled() {
+                if shutdown.is_cancelled() || downstream_gone {
                     if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
                         tracing::warn!(error = %err, "handing back a job failed; it returns after ack_wait");
                     }
@@ -92,7 +98,7 @@ impl Intake {
                     let job = Arc::new(job.with_span(span));
                     self.settler.admitted(&job);
                     if jobs.send(job).await.is_err() {
-                        return;
+                        downstream_gone = true;
                     }
                 }
             }
@@ -258,7 +264,8 @@ impl Intake {
 pub struct JobHeaders {
     /// Where the producer wants the result (`Jetinfer-Reply-To`), unchecked.
     pub reply_to: Option<String>,
-    /// The job id JetStream de-duplicated on (`Nats-Msg-Id`), or empty.
+    /// The job id from `Nats-Msg-Id` (without its de-duplication tag), or
+    /// empty: what a job that cannot be decoded is answered and buried under.
     pub msg_id: String,
     /// The producer's W3C `traceparent`, only if well-formed: anything else
     /// is dropped rather than carried into logs.
@@ -274,7 +281,9 @@ impl JobHeaders {
         };
         Self {
             reply_to: get(headers::REPLY_TO),
-            msg_id: get(headers::MSG_ID).unwrap_or_default(),
+            msg_id: get(headers::MSG_ID)
+                .map(|id| jetinfer_nats::publish::job_id_of(&id).to_string())
+                .unwrap_or_default(),
             traceparent: get(headers::TRACEPARENT).filter(|t| valid_traceparent(t)),
         }
     }

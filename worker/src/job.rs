@@ -203,8 +203,13 @@ impl BatchJob for InFlightJob {
 /// terminated). It lets the worker keep long waits alive with progress acks,
 /// NAK what is left when a drain runs out of time, and cap the jobs one
 /// tenant holds here (`rate_limit` `max_held_jobs`).
-#[derive(Default)]
+///
+/// It also keeps `jetinfer_jobs_in_flight` true: the gauge moves here and
+/// only here, up when a job enters and down when it leaves, whichever path
+/// settled it, and never twice for one job.
 pub struct Ledger {
+    /// The `model` label of the gauge.
+    model: String,
     held: Mutex<Held>,
 }
 
@@ -217,10 +222,18 @@ struct Held {
 }
 
 impl Ledger {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            held: Mutex::default(),
+        }
+    }
+
     pub fn insert(&self, job: &Arc<InFlightJob>) {
         let mut held = self.lock();
         if held.jobs.insert(job.key, Arc::clone(job)).is_none() {
             *held.per_tenant.entry(job.tenant.clone()).or_default() += 1;
+            jetinfer_monitoring::job_admitted(&self.model);
         }
     }
 
@@ -230,6 +243,7 @@ impl Ledger {
         let Some(removed) = held.jobs.remove(&job.key) else {
             return;
         };
+        jetinfer_monitoring::job_released(&self.model);
         if let Some(count) = held.per_tenant.get_mut(&removed.tenant) {
             *count -= 1;
             if *count == 0 {

@@ -17,6 +17,10 @@
 //! Shutdown flows the same way: cancelling stops intake, and each stage drains
 //! what it holds before the next one sees its input close. What is not done
 //! within the drain timeout is NAKed so another worker takes it at once.
+//! A worker also stops on its own when [`supervise`] reports a failure (a
+//! stage gone, the NATS connection gone or away too long): not ready, no more
+//! progress acks, what it holds NAKed for another worker, and an error from
+//! [`Worker::run_until_stopped`] that the binary turns into its exit status.
 //!
 //! Beside the data path: [`http`] (`/metrics`, `/healthz`, `/readyz`),
 //! [`queue_depth`] (queue depth and drain estimate from JetStream) and
@@ -36,6 +40,7 @@ pub mod job;
 pub mod publish;
 pub mod queue_depth;
 pub mod rate_limit;
+pub mod supervise;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +54,7 @@ use backend::{candle::CandleBackend, echo::EchoBackend, Backend, BackendError};
 use config::{BackendKind, ModelConfig, WorkerConfig};
 use job::Ledger;
 use publish::Settler;
+use supervise::{Failure, Stage, Supervisor};
 
 /// Jobs admitted but not yet taken by the batcher, which takes them as they
 /// come (they wait in its per-tenant lanes, not here in arrival order). The
@@ -104,19 +110,35 @@ pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendErr
     loaded
 }
 
-/// A running worker.
+/// A running worker. Each handle below is described by its role in stopping.
 pub struct Worker {
+    /// Cancelled by the owner (the binary on SIGTERM, a test) or by the
+    /// worker itself on a failure: intake stops pulling, and the stages
+    /// behind it drain as their input closes.
     shutdown: CancellationToken,
+    /// Flipped to not ready as soon as the worker starts stopping.
     health: http::Health,
+    /// Left first, so the Services API stops listing a stopping worker.
     service: Option<async_nats::service::Service>,
-    /// The pipeline's stages, which finish on their own once intake stops.
+    /// The pipeline's stages, intake first, which finish on their own once
+    /// intake stops; each runs under the [`Supervisor`], which reports one
+    /// that ends while the worker is not stopping.
     pipeline: Vec<JoinHandle<()>>,
-    /// Side tasks (progress acks, exhausted jobs) stopped after the drain.
+    /// Side tasks (progress acks, exhausted jobs, queue depth, cancel marks,
+    /// the connection watch), stopped by `helpers_stop` after the drain, or
+    /// at once on a failure, so no progress ack keeps a job held by a
+    /// worker that cannot finish it.
     helpers: Vec<JoinHandle<()>>,
     helpers_stop: CancellationToken,
+    /// The inference thread: ends when the batcher closes its input, joined
+    /// only after a drain that finished in time.
     infer: Option<std::thread::JoinHandle<()>>,
+    /// Hands back (NAKs) what the ledger still holds once the stages stop.
     settler: Settler,
     drain_timeout: Duration,
+    /// Failures reported by the stages and the connection watch; the first
+    /// one stops the worker ([`Worker::run_until_stopped`]).
+    failures: mpsc::Receiver<Failure>,
 }
 
 impl Worker {
@@ -185,7 +207,8 @@ impl Worker {
 
         let shutdown = CancellationToken::new();
         let helpers_stop = CancellationToken::new();
-        let ledger = Arc::new(Ledger::default());
+        let (supervisor, failures) = Supervisor::new(shutdown.clone());
+        let ledger = Arc::new(Ledger::new(config.model.name.clone()));
         let cancellations = Arc::new(cancel::Cancellations::default());
         let settler = Settler::new(
             client.clone(),
@@ -217,27 +240,36 @@ impl Worker {
             cancellations: Arc::clone(&cancellations),
         };
         let pipeline = vec![
-            tokio::spawn(intake.run(jobs_tx, shutdown.clone())),
-            tokio::spawn(batch::run(
-                config.batch,
-                if backend.pads_batches() {
-                    batch::Cost::Padded
-                } else {
-                    batch::Cost::Packed
-                },
-                jobs_rx,
-                batch_tx,
-            )),
-            tokio::spawn(publish::run(
-                backend.info().clone(),
-                settler.clone(),
-                done_rx,
-            )),
+            supervisor.spawn(Stage::Intake, intake.run(jobs_tx, shutdown.clone())),
+            supervisor.spawn(
+                Stage::Batch,
+                batch::run(
+                    config.batch,
+                    if backend.pads_batches() {
+                        batch::Cost::Padded
+                    } else {
+                        batch::Cost::Packed
+                    },
+                    jobs_rx,
+                    batch_tx,
+                ),
+            ),
+            supervisor.spawn(
+                Stage::Publish,
+                publish::run(backend.info().clone(), settler.clone(), done_rx),
+            ),
         ];
         let helpers = vec![
             tokio::spawn(keep_alive(
                 settler.clone(),
                 config.consumer.ack_wait,
+                helpers_stop.clone(),
+            )),
+            tokio::spawn(supervise::watch_connection(
+                client.clone(),
+                config.supervision.max_disconnected,
+                health.clone(),
+                supervisor.clone(),
                 helpers_stop.clone(),
             )),
             tokio::spawn(exhausted::run(
@@ -254,7 +286,7 @@ impl Worker {
                 helpers_stop.clone(),
             )),
         ];
-        let infer = infer::spawn(backend, batch_rx, done_tx);
+        let infer = infer::spawn(backend, batch_rx, done_tx, supervisor);
         Ok(Self {
             shutdown,
             health,
@@ -265,6 +297,7 @@ impl Worker {
             infer: Some(infer),
             settler,
             drain_timeout: config.shutdown.drain_timeout,
+            failures,
         })
     }
 
@@ -289,12 +322,50 @@ impl Worker {
         self.settler.ledger().len()
     }
 
+    /// Runs until the shutdown token fires (then drains as [`Worker::join`]
+    /// does and returns `Ok`) or a failure is reported: then the worker
+    /// reports not ready for good, stops its progress acks, lets what is
+    /// left of the pipeline wind down, NAKs what it still holds (with the
+    /// retry delay, so a fleet failing the same way does not spin on it) for
+    /// another worker, and returns the failure. The binary exits with
+    /// [`Failure::exit_code`].
+    pub async fn run_until_stopped(mut self) -> Result<(), Failure> {
+        let failure = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            Some(failure) = self.failures.recv() => Some(failure),
+        };
+        let Some(failure) = failure else {
+            self.join().await;
+            return Ok(());
+        };
+        tracing::error!(%failure, jobs = self.jobs_in_hand(), "stopping on a failure: handing jobs back");
+        self.health.set_failed(failure.to_string());
+        self.helpers_stop.cancel();
+        self.shutdown.cancel();
+        self.stop(Some(&failure)).await;
+        Err(failure)
+    }
+
     /// Waits until the worker has stopped (after its shutdown token fires):
     /// the pipeline drains for up to the drain timeout, then whatever is still
     /// held is NAKed for immediate redelivery elsewhere.
     pub async fn join(&mut self) {
         self.shutdown.cancelled().await;
+        self.stop(None).await;
+    }
+
+    /// Stops a worker whose shutdown token fired. After a `failure`, what it
+    /// still holds is NAKed with the retry delay instead of for immediate
+    /// redelivery; after a connection failure nothing more is said to NATS
+    /// (it could not arrive: what the worker holds returns after `ack_wait`).
+    async fn stop(&mut self, failure: Option<&Failure>) {
+        let failed = failure.is_some();
+        let unreachable = failure.is_some_and(Failure::is_connection);
         self.health.set_consumer_bound(false);
+        if unreachable {
+            tracing::warn!("NATS unreachable: jobs held here return after ack_wait");
+            self.service = None;
+        }
         if let Some(service) = self.service.take() {
             match tokio::time::timeout(LAST_WORDS, service.stop()).await {
                 Ok(Ok(())) => {}
@@ -313,15 +384,23 @@ impl Worker {
         }
         let rest: Vec<_> = pipeline.collect();
         let drained = tokio::time::timeout_at(deadline, futures::future::join_all(rest)).await;
-        if drained.is_err() {
-            let left = self.settler.ledger().jobs();
-            tracing::warn!(
-                jobs = left.len(),
-                "drain timeout: handing jobs back to the queue"
-            );
+        // After a full drain the ledger is empty, unless a stage was gone and
+        // dropped what it held: whatever is left goes back to the queue.
+        let left = self.settler.ledger().jobs();
+        if !left.is_empty() && !unreachable {
+            if drained.is_err() {
+                tracing::warn!(
+                    jobs = left.len(),
+                    "drain timeout: handing jobs back to the queue"
+                );
+            }
             let hand_back = async {
                 for job in &left {
-                    self.settler.hand_back(job).await;
+                    if failed {
+                        self.settler.retry_later(job).await;
+                    } else {
+                        self.settler.hand_back(job).await;
+                    }
                 }
             };
             if tokio::time::timeout(LAST_WORDS, hand_back).await.is_err() {
@@ -329,10 +408,19 @@ impl Worker {
             }
         }
         self.helpers_stop.cancel();
-        for task in self.helpers.drain(..) {
-            let _ = task.await;
+        // Side tasks have nothing to hand over; one stuck in a request to a
+        // server that is gone is not waited for.
+        let helpers: Vec<_> = self.helpers.drain(..).collect();
+        let aborts: Vec<_> = helpers.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(LAST_WORDS, futures::future::join_all(helpers))
+            .await
+            .is_err()
+        {
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
-        if tokio::time::timeout(LAST_WORDS, self.settler.flush())
+        if unreachable {
+            // Nothing to flush to.
+        } else if tokio::time::timeout(LAST_WORDS, self.settler.flush())
             .await
             .is_err()
         {

@@ -1,5 +1,10 @@
 //! `jetinfer-worker`: parses arguments and config, loads the model, and runs
-//! the worker until SIGINT or SIGTERM, then drains and exits.
+//! the worker until SIGINT or SIGTERM, then drains and exits 0; or until the
+//! worker fails on its own (a pipeline stage gone, the NATS connection lost),
+//! then hands its jobs back and exits non-zero so an orchestrator restarts
+//! it. Exit status: 0 stopped by a signal, 1 could not start,
+//! 2 a pipeline stage gone, 3 the NATS connection lost
+//! (`jetinfer_worker::supervise`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use jetinfer_worker::config::WorkerConfig;
 use jetinfer_worker::http::{Health, HttpServer};
+use jetinfer_worker::supervise::{panic_message, Failure};
 use jetinfer_worker::{load_backend, Worker};
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +35,11 @@ struct Args {
 async fn main() -> ExitCode {
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<Failure>().is_some() => {
+            let failure = err.downcast_ref::<Failure>().expect("checked above");
+            eprintln!("jetinfer-worker: stopped: {failure}");
+            ExitCode::from(failure.exit_code())
+        }
         Err(err) => {
             // One line of causes; the Debug form `main` would print carries a
             // full backtrace whenever RUST_BACKTRACE is set and reads like a panic.
@@ -42,6 +53,7 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = WorkerConfig::load(args.config.as_deref()).context("loading configuration")?;
     init_logging(config.log.json);
+    log_panics();
     if args.print_config {
         println!("{}", config_dump(&config)?);
         return Ok(());
@@ -55,7 +67,7 @@ async fn run() -> anyhow::Result<()> {
     let backend = tokio::task::spawn_blocking(move || load_backend(&model))
         .await?
         .with_context(|| format!("loading model from {}", config.model.path.display()))?;
-    let mut worker = Worker::start_with_health(config, backend, health).await?;
+    let worker = Worker::start_with_health(config, backend, health).await?;
 
     let shutdown = worker.shutdown_token();
     tokio::spawn(async move {
@@ -63,10 +75,25 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing jobs in hand");
         shutdown.cancel();
     });
-    worker.join().await;
+    let stopped = worker.run_until_stopped().await;
     http.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    Ok(stopped?)
+}
+
+/// Panics go to the log as one escaped, bounded line instead of the default
+/// hook's raw text on stderr: a backend panic message may carry input text.
+/// (The inference stage catches backend panics; this only says where.)
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            location = %info.location().map(|l| l.to_string()).unwrap_or_default(),
+            panic = %panic_message(info.payload()),
+            "panicked"
+        );
+    }));
 }
 
 fn config_dump(config: &WorkerConfig) -> anyhow::Result<String> {

@@ -62,12 +62,12 @@ impl Settler {
     /// Takes an admitted job into the ledger until it is settled.
     pub fn admitted(&self, job: &Arc<InFlightJob>) {
         self.ledger.insert(job);
-        jetinfer_monitoring::job_admitted(&self.model);
     }
 
+    /// Every settled admitted job leaves the ledger here (which moves the
+    /// in-flight gauge).
     fn release(&self, job: &InFlightJob) {
         self.ledger.remove(job);
-        jetinfer_monitoring::job_released(&self.model);
     }
 
     /// Publishes each reply into the results stream and, once JetStream has
@@ -248,7 +248,7 @@ impl Settler {
     pub async fn give_up_job(&self, job: &InFlightJob, error: JobError, keep: bool) {
         self.give_up(&job.message, Some(&job.reply_to), &job.id, error, keep)
             .await;
-        self.ledger.remove(job);
+        self.release(job);
     }
 }
 
@@ -284,6 +284,17 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
         for (item, embedding) in batch.items.into_iter().zip(embeddings) {
             let embedding = match embedding {
                 Ok(embedding) => embedding,
+                Err(err) if err.is_permanent() => {
+                    // A panic or a broken count, on this input alone: it
+                    // would fail the same way anywhere. Answered and
+                    // dead-lettered now, not redelivered to max_deliver.
+                    if item.job.fail() {
+                        tracing::warn!(job = %item.job.id, error = %err, "inference failed for good");
+                        let error = JobError::new(ErrorCode::Internal, err.to_string());
+                        settler.give_up_job(&item.job, error, true).await;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     // Maybe a passing condition (memory, a device reset): retry
                     // the job later. One that keeps failing reaches max_deliver

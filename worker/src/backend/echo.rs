@@ -1,7 +1,9 @@
 //! A backend without a model: "tokens" are whitespace-separated words hashed to
 //! ids, and each embedding is a deterministic function of its token ids. It
 //! lets queue and batching tests run in milliseconds and check that every
-//! result carries its own inputs' vectors.
+//! result carries its own inputs' vectors. Tests can make it misbehave on a
+//! marker word ([`EchoFault`]); the worker's configuration cannot, so a
+//! deployed echo backend never does.
 
 use std::time::Duration;
 
@@ -19,9 +21,25 @@ pub struct EchoBackend {
     max_seq_len: usize,
     /// Simulated compute per padded token, so tests can make batches slow.
     delay_per_token: Duration,
-    /// A word whose presence makes the forward pass fail, to test failures.
-    poison: Option<u32>,
+    /// Marker words and what the forward pass does when a batch holds one.
+    faults: Vec<(u32, EchoFault)>,
 }
+
+/// How the echo backend misbehaves on a batch holding a marker word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoFault {
+    /// Returns [`BackendError::Forward`], as a model that chokes would.
+    Error,
+    /// Panics.
+    Panic,
+    /// Returns one embedding fewer than it was given inputs.
+    ShortResult,
+    /// Returns [`BackendError::Unusable`], as a lost device would.
+    Unusable,
+}
+
+/// The message the echo backend panics with ([`EchoFault::Panic`]).
+pub const ECHO_PANIC_MESSAGE: &str = "echo: told to panic on a marker input";
 
 impl Default for EchoBackend {
     fn default() -> Self {
@@ -39,14 +57,19 @@ impl EchoBackend {
             },
             max_seq_len,
             delay_per_token,
-            poison: None,
+            faults: Vec::new(),
         }
     }
 
     /// Makes every batch holding `word` fail, as a model that chokes on one
     /// input would.
-    pub fn with_poison(mut self, word: &str) -> Self {
-        self.poison = Some(word_id(word));
+    pub fn with_poison(self, word: &str) -> Self {
+        self.with_fault(word, EchoFault::Error)
+    }
+
+    /// Makes every batch holding `word` misbehave as `fault` says.
+    pub fn with_fault(mut self, word: &str, fault: EchoFault) -> Self {
+        self.faults.push((word_id(word), fault));
         self
     }
 
@@ -101,11 +124,24 @@ impl Backend for EchoBackend {
         if !self.delay_per_token.is_zero() {
             std::thread::sleep(self.delay_per_token * padded as u32);
         }
-        if let Some(poison) = self.poison {
-            if batch.iter().any(|ids| ids.contains(&poison)) {
-                return Err(BackendError::Forward("echo: poisoned input".into()));
+        let mut vectors: Vec<Vec<f32>> = batch.iter().map(|ids| vector(ids)).collect();
+        for &(marker, fault) in &self.faults {
+            if !batch.iter().any(|ids| ids.contains(&marker)) {
+                continue;
+            }
+            match fault {
+                EchoFault::Error => {
+                    return Err(BackendError::Forward("echo: poisoned input".into()))
+                }
+                EchoFault::Panic => panic!("{ECHO_PANIC_MESSAGE}"),
+                EchoFault::ShortResult => {
+                    vectors.pop();
+                }
+                EchoFault::Unusable => {
+                    return Err(BackendError::Unusable("echo: told to give up".into()))
+                }
             }
         }
-        Ok(batch.iter().map(|ids| vector(ids)).collect())
+        Ok(vectors)
     }
 }

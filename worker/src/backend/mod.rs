@@ -22,8 +22,31 @@ pub enum BackendError {
     Load { path: String, message: String },
     #[error("tokenising: {0}")]
     Tokenize(String),
+    /// A failure that may pass (memory, a busy device): the job is retried.
     #[error("forward pass: {0}")]
     Forward(String),
+    /// The forward pass panicked (message escaped and bounded by
+    /// `supervise::panic_message`). Caught by the inference stage, never
+    /// returned by a backend.
+    #[error("the model panicked: {0}")]
+    Panicked(String),
+    /// The backend broke its contract of one embedding per input. Found by
+    /// the inference stage, never returned by a backend.
+    #[error("the backend returned {vectors} embeddings for {inputs} inputs")]
+    WrongCount { inputs: usize, vectors: usize },
+    /// The backend can compute nothing any more (e.g. a lost device): the
+    /// inference stage ends and the worker stops, handing its jobs back.
+    #[error("the backend is unusable: {0}")]
+    Unusable(String),
+}
+
+impl BackendError {
+    /// Whether running the same input again can only fail the same way (a
+    /// panic, a broken contract): its job gets an `internal` error reply and
+    /// a dead letter at once rather than redeliveries up to `max_deliver`.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Panicked(_) | Self::WrongCount { .. })
+    }
 }
 
 /// What the worker needs from a model. Both methods are blocking and are only
@@ -50,7 +73,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Tokenises one text, truncating it to `max_seq_len`.
     fn tokenize(&self, text: &str) -> Result<Tokens, BackendError>;
 
-    /// Pooled (not normalised) embeddings, one per input, in order.
+    /// Pooled (not normalised) embeddings, one per input, in order. The
+    /// inference stage checks the count, and catches a panic: the backend
+    /// must stay usable after one (hold no state a panic leaves half
+    /// updated), or return [`BackendError::Unusable`].
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError>;
 }
 
