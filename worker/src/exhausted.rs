@@ -86,6 +86,9 @@ async fn bury(
         reason: "max_deliveries",
         detail: &detail,
         deliveries: advisory.deliveries,
+        stream_sequence: Some(message.sequence),
+        stored_at: Some(message.time),
+        max_whole_payload: jetinfer_schemas::Limits::default().max_job_bytes,
     };
     if let Err(err) = dead_letter::publish(js, letter).await {
         // Leave it in the jobs stream: nothing is lost, an operator can act.

@@ -230,6 +230,9 @@ impl Settler {
                 reason,
                 detail: &error.message,
                 deliveries: delivered,
+                stream_sequence: message.info().ok().map(|i| i.stream_sequence),
+                stored_at: message.info().ok().map(|i| i.published),
+                max_whole_payload: jetinfer_schemas::Limits::default().max_job_bytes,
             };
             if let Err(err) = dead_letter::publish(&self.js, letter).await {
                 tracing::error!(job = job_id, error = %err, "dead letter not stored; job will be redelivered");
