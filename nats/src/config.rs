@@ -231,7 +231,9 @@ pub struct ConsumerSettings {
     /// Time a worker has to answer a job before JetStream redelivers it.
     #[serde(with = "humantime_secs")]
     pub ack_wait: Duration,
-    /// Deliveries before JetStream gives up on a job.
+    /// Deliveries a job gets before the worker gives up on it (a dead letter
+    /// with reason `max_deliveries`); 0 or less: no limit. The consumer
+    /// itself redelivers without limit: the worker counts.
     pub max_deliver: i64,
     /// Jobs handed out and not yet acked, across all workers of the model.
     pub max_ack_pending: i64,

@@ -9,7 +9,9 @@
 //!
 //! Every job ends settled through [`publish::Settler`]: answered and acked,
 //! NAKed for a retry, or given up (error reply, dead letter, terminated).
-//! [`exhausted`] buries jobs that reached `max_deliver`.
+//! [`exhausted`]: jobs that had all their deliveries (`max_deliver`) are
+//! buried by the Settler and intake, and a sweep buries the ones JetStream
+//! itself stopped delivering.
 //! [`cancel`] follows cancelled bulk runs, whose jobs are answered
 //! `cancelled` instead of computed.
 //!
@@ -109,7 +111,8 @@ pub struct Worker {
     service: Option<async_nats::service::Service>,
     /// The pipeline's stages, which finish on their own once intake stops.
     pipeline: Vec<JoinHandle<()>>,
-    /// Side tasks (progress acks, exhausted jobs) stopped after the drain.
+    /// Side tasks (progress acks, the sweep for undeliverable jobs) stopped
+    /// after the drain.
     helpers: Vec<JoinHandle<()>>,
     helpers_stop: CancellationToken,
     infer: Option<std::thread::JoinHandle<()>>,
@@ -181,8 +184,8 @@ impl Worker {
             config.model.name.clone(),
             Arc::clone(&ledger),
             config.retry,
-        );
-        let consumer_name = jetinfer_nats::subjects::consumer_name(&config.model.name)?;
+        )
+        .with_limits(config.consumer.max_deliver, config.limits.max_job_bytes);
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
@@ -194,6 +197,14 @@ impl Worker {
             (config.model.device == config::DeviceKind::Cuda).then_some(config.model.cuda_ordinal),
             helpers_stop.clone(),
         );
+        let sweep = exhausted::Sweep {
+            settler: settler.clone(),
+            consumer: consumer.clone(),
+            stream: stream.clone(),
+            model: config.model.name.clone(),
+            reply: reply.clone(),
+            max_deliver: config.consumer.max_deliver,
+        };
         let intake = intake::Intake {
             consumer,
             backend: Arc::clone(&backend),
@@ -229,13 +240,7 @@ impl Worker {
                 config.consumer.ack_wait,
                 helpers_stop.clone(),
             )),
-            tokio::spawn(exhausted::run(
-                client,
-                stream,
-                consumer_name,
-                reply,
-                helpers_stop.clone(),
-            )),
+            tokio::spawn(exhausted::sweep(sweep, helpers_stop.clone())),
             tokio::spawn(queue_depth),
             tokio::spawn(cancel::watch(
                 bulk,
