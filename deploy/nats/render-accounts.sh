@@ -86,8 +86,8 @@ WORKER = {
       "$JS.API.CONSUMER.MSG.NEXT.JETINFER_JOBS.*",
       # Ack, NAK, progress and term of delivered jobs.
       "$JS.ACK.JETINFER_JOBS.>",
-      # Jobs past max_deliver: read the stored job, then delete it once it
-      # is a dead letter (worker/src/exhausted.rs).
+      # Jobs past their deliveries (the sweep): read the stored job, then
+      # delete it once it is a dead letter (worker/src/exhausted.rs).
       "$JS.API.STREAM.MSG.GET.JETINFER_JOBS", "$JS.API.STREAM.MSG.DELETE.JETINFER_JOBS",
       # Following cancel notices (an ordered consumer, recreated after gaps).
       "$JS.API.CONSUMER.CREATE.JETINFER_CANCELS", "$JS.API.CONSUMER.CREATE.JETINFER_CANCELS.>",
@@ -102,7 +102,6 @@ WORKER = {
   subscribe: {
     allow: [
       "_INBOX_worker.>",
-      "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.JETINFER_JOBS.*",
       # NATS Services API discovery (worker/src/discovery.rs).
       "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
       "$SRV.*.jetinfer-worker", "$SRV.*.jetinfer-worker.*",

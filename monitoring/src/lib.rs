@@ -29,6 +29,7 @@ pub mod names {
     pub const JOBS_IN_FLIGHT: &str = "jetinfer_jobs_in_flight";
     pub const JOBS_REDELIVERED: &str = "jetinfer_jobs_redelivered_total";
     pub const JOBS_DEAD_LETTERED: &str = "jetinfer_jobs_dead_lettered_total";
+    pub const JOBS_NOT_BURIED: &str = "jetinfer_jobs_not_buried_total";
     pub const JOBS_EXPIRED: &str = "jetinfer_jobs_expired_total";
     pub const INPUTS: &str = "jetinfer_inputs_total";
     pub const TOKENS: &str = "jetinfer_tokens_total";
@@ -157,6 +158,10 @@ fn describe() {
         JOBS_DEAD_LETTERED,
         "Job messages given up on (terminated) without a result, by reason"
     );
+    describe_counter!(
+        JOBS_NOT_BURIED,
+        "Attempts to store a given-up job as a dead letter that failed, by reason; the job stays in the jobs stream and is tried again"
+    );
     describe_counter!(JOBS_EXPIRED, "Jobs answered deadline_exceeded");
     describe_counter!(INPUTS, "Inputs (texts) run through the model");
     describe_counter!(TOKENS, "Real (unpadded) tokens run through the model");
@@ -259,6 +264,8 @@ pub fn register_model(model: &str) {
     counter!(names::JOBS_FINISHED, "model" => model.clone(), "outcome" => OUTCOME_OK).increment(0);
     counter!(names::JOBS_DEAD_LETTERED, "model" => model.clone(), "reason" => REASON_NO_REPLY_SUBJECT)
         .increment(0);
+    counter!(names::JOBS_NOT_BURIED, "model" => model.clone(), "reason" => REASON_MAX_DELIVERIES)
+        .increment(0);
     gauge!(names::JOBS_IN_FLIGHT, "model" => model).set(0.0);
 }
 
@@ -317,13 +324,22 @@ pub const REASON_NO_REPLY_SUBJECT: &str = "no_reply_subject";
 /// Dead-letter reason for a job whose reply subject the worker's reply policy
 /// forbids (another tenant's, a system or jobs subject, a wildcard...).
 pub const REASON_FORBIDDEN_REPLY_SUBJECT: &str = "forbidden_reply_subject";
-/// Dead-letter reason for a job JetStream delivered `max_deliver` times.
+/// Dead-letter reason for a job that had all its deliveries
+/// (`consumer.max_deliver`) and was never answered.
 pub const REASON_MAX_DELIVERIES: &str = "max_deliveries";
 
 /// A job was moved to the dead letters; `reason` is an error code or one of
 /// the `REASON_*` constants.
 pub fn job_dead_lettered(model: &str, reason: &str) {
     counter!(names::JOBS_DEAD_LETTERED, "model" => model.to_string(), "reason" => reason.to_string())
+        .increment(1);
+}
+
+/// A given-up job's dead letter could not be stored (`reason` as in
+/// [`job_dead_lettered`]): the job is left in the jobs stream to be tried
+/// again, and an alert fires.
+pub fn job_not_buried(model: &str, reason: &str) {
+    counter!(names::JOBS_NOT_BURIED, "model" => model.to_string(), "reason" => reason.to_string())
         .increment(1);
 }
 

@@ -209,6 +209,9 @@ pub struct StreamSettings {
     /// so workers make neither. False: workers and producers share one
     /// account, where workers make both.
     pub tenant_accounts: bool,
+    /// Dead letters kept per model and tenant (`dlq.<model>.<tenant>`):
+    /// past it, that tenant's oldest make way for its newest.
+    pub max_dead_letters_per_tenant: i64,
 }
 
 impl Default for StreamSettings {
@@ -222,6 +225,7 @@ impl Default for StreamSettings {
             results_max_age: crate::results::DEFAULT_RESULTS_MAX_AGE,
             max_jobs_per_tenant: DEFAULT_MAX_JOBS_PER_TENANT,
             tenant_accounts: false,
+            max_dead_letters_per_tenant: crate::dead_letter::DEFAULT_MAX_LETTERS_PER_TENANT,
         }
     }
 }
@@ -237,7 +241,9 @@ pub struct ConsumerSettings {
     /// Time a worker has to answer a job before JetStream redelivers it.
     #[serde(with = "humantime_secs")]
     pub ack_wait: Duration,
-    /// Deliveries before JetStream gives up on a job.
+    /// Deliveries a job gets before the worker gives up on it (a dead letter
+    /// with reason `max_deliveries`); 0 or less: no limit. The consumer
+    /// itself redelivers without limit: the worker counts.
     pub max_deliver: i64,
     /// Jobs handed out and not yet acked, across all workers of the model.
     pub max_ack_pending: i64,

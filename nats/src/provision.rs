@@ -140,6 +140,9 @@ fn served_subjects(existing: &[String], ours: &str) -> Vec<String> {
     served
 }
 
+/// JetStream's "no limit" for a consumer's `max_deliver`.
+pub const UNLIMITED_DELIVERIES: i64 = -1;
+
 /// The durable pull consumer shared by all workers of `model`.
 pub fn consumer_config(
     model: &str,
@@ -153,7 +156,10 @@ pub fn consumer_config(
         filter_subject: subjects::jobs_for_model(model)?,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
-        max_deliver: settings.max_deliver,
+        // Unlimited: the worker counts deliveries against
+        // `settings.max_deliver` and buries a job itself, so a job past them
+        // stays deliverable until one does (no advisory to miss).
+        max_deliver: UNLIMITED_DELIVERIES,
         max_ack_pending: settings.max_ack_pending,
         ..Default::default()
     })

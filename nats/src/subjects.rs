@@ -116,12 +116,6 @@ pub fn all_dead_letters() -> String {
     format!("{DEAD_LETTER_PREFIX}.>")
 }
 
-/// The advisory JetStream publishes when a job of `consumer` on `stream` hit
-/// its consumer's `max_deliver`.
-pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
-}
-
 /// `results.>`: the results stream's subjects.
 pub fn all_results() -> String {
     format!("{RESULTS_PREFIX}.>")

@@ -131,6 +131,16 @@ impl NatsServer {
         std::fs::read_to_string(log_path(self.store.path())).unwrap_or_default()
     }
 
+    /// Asks the server to read its config file again (SIGHUP, as
+    /// `nats-server --signal reload` does); clients stay connected.
+    pub fn reload(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGHUP sent to nats-server");
+    }
+
     /// Stops the server hard (SIGKILL) and starts it again on the same port
     /// and store, as after a crash.
     pub fn restart(&mut self) {

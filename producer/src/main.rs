@@ -112,7 +112,9 @@ enum ProgressArg {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// One line per dead letter: sequence, job id, reason, deliveries, subject.
+    /// One line per dead letter: sequence, job id, reason, deliveries,
+    /// subject, `whole` or `truncated` (the letter keeps only the first bytes
+    /// of its job), detail.
     List {
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -120,6 +122,7 @@ enum DlqCommand {
     /// Everything kept about one dead letter, as JSON.
     Show { sequence: u64 },
     /// Publish dead letters again on their original subject and remove them.
+    /// A truncated letter is refused (exit status 1): it no longer holds its job.
     Replay {
         /// Sequences to replay.
         sequences: Vec<u64>,
@@ -306,8 +309,13 @@ async fn dlq(
     match command {
         DlqCommand::List { limit } => {
             for letter in dead_letter::list(js, limit).await? {
+                let kept = if letter.truncation().is_some() {
+                    "truncated"
+                } else {
+                    "whole"
+                };
                 println!(
-                    "{}\t{}\t{}\t{} deliveries\t{}\t{}",
+                    "{}\t{}\t{}\t{} deliveries\t{}\t{kept}\t{}",
                     letter.sequence,
                     letter.job_id,
                     letter.reason,
@@ -319,11 +327,16 @@ async fn dlq(
         }
         DlqCommand::Show { sequence } => {
             let letter = dead_letter::get(js, sequence).await?;
-            let job = jetinfer_schemas::decode_job(&letter.payload, &Default::default())
-                .map(|job| json!(job))
-                .unwrap_or_else(
-                    |err| json!({"undecodable": err.to_string(), "bytes": letter.payload.len()}),
-                );
+            let truncation = letter.truncation();
+            let job = if letter.payload_truncated {
+                json!({"not_decoded": "the letter keeps only the payload's first bytes"})
+            } else {
+                jetinfer_schemas::decode_job(&letter.payload, &Default::default())
+                    .map(|job| json!(job))
+                    .unwrap_or_else(|err| {
+                        json!({"undecodable": err.to_string(), "bytes": letter.payload.len()})
+                    })
+            };
             let headers: serde_json::Map<String, serde_json::Value> = letter
                 .headers
                 .iter()
@@ -341,6 +354,16 @@ async fn dlq(
                 "deliveries": letter.deliveries,
                 "original_subject": letter.original_subject,
                 "stored_at": letter.stored_at.to_string(),
+                "stream_sequence": letter.stream_sequence,
+                "payload": {
+                    "kept_bytes": letter.payload.len(),
+                    "original_bytes": letter.original_size,
+                    "original_sha256": letter.original_sha256,
+                    "truncated": letter.payload_truncated,
+                },
+                "headers_truncated": letter.headers_truncated,
+                "replayable": truncation.is_none(),
+                "truncation": truncation,
                 "headers": headers,
                 "job": job,
             });
@@ -356,9 +379,21 @@ async fn dlq(
             } else {
                 sequences
             };
+            // A letter that does not keep its job whole is refused, and the
+            // others are still replayed; the exit status says some were not.
+            let mut refused = 0;
             for sequence in sequences {
-                let job_id = dead_letter::replay(js, sequence).await?;
-                println!("replayed {sequence} (job {job_id})");
+                match dead_letter::replay(js, sequence).await {
+                    Ok(job_id) => println!("replayed {sequence} (job {job_id})"),
+                    Err(err @ dead_letter::DeadLetterError::Truncated { .. }) => {
+                        eprintln!("refused: {err}");
+                        refused += 1;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            if refused > 0 {
+                return Ok(std::process::ExitCode::FAILURE);
             }
         }
     }

@@ -1,125 +1,150 @@
-//! Jobs JetStream stopped delivering: when a job reaches its consumer's
-//! `max_deliver` (it kept failing, or kept crashing workers), JetStream
-//! publishes a MAX_DELIVERIES advisory and leaves the message in the stream,
-//! undeliverable. This task turns each into a dead letter: it answers the
-//! job's reply subject (if the reply policy allows it) with an `internal` error, stores the job in the
-//! dead-letter stream with reason `max_deliveries`, then deletes it from the
-//! jobs stream. Workers share the advisory in a queue group, so one handles it.
+//! Jobs that had all their deliveries. The model's consumer redelivers
+//! without limit (`jetinfer_nats::provision::consumer_config`) and the worker
+//! counts: the [`Settler`] buries a job whose last allowed delivery
+//! (`consumer.max_deliver`) fails, and intake buries one that arrives after
+//! it ([`bury_arrived`]: its worker died on the last one). So a job past its
+//! deliveries stays deliverable until some worker buries it, and burying needs
+//! no MAX_DELIVERIES advisory: advisories are core NATS messages, lost when
+//! no worker listens (nats-server #7284).
+//!
+//! What this cannot reach are jobs JetStream itself stopped delivering: ones
+//! that exhausted a consumer with a finite `max_deliver` (made by an older
+//! worker, or edited by hand), which raising it does not revive. [`sweep`]
+//! finds and buries those, from the jobs stream, whenever the consumer holds
+//! no job in flight: then every job at or below its last delivered sequence
+//! that is still in the stream is one JetStream gave up on.
 
-use async_nats::jetstream::{self, stream::Stream};
-use futures::StreamExt;
-use jetinfer_nats::dead_letter::{self, DeadLetter};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
+use async_nats::jetstream::Message;
+use async_nats::HeaderMap;
 use jetinfer_nats::subjects::{self, ReplyPolicy};
-use jetinfer_schemas::{encode_result, headers, ErrorCode, JobError, JobResult};
-use serde::Deserialize;
+use jetinfer_schemas::headers;
 use tokio_util::sync::CancellationToken;
 
-/// The fields of `io.nats.jetstream.advisory.v1.max_deliver` used here.
-#[derive(Deserialize)]
-struct MaxDeliveries {
-    stream_seq: u64,
-    deliveries: i64,
-}
+use crate::publish::{Held, Settler};
 
-pub async fn run(
-    client: async_nats::Client,
-    stream: Stream,
-    consumer: String,
-    reply: ReplyPolicy,
-    shutdown: CancellationToken,
-) {
-    let stream_name = stream.cached_info().config.name.clone();
-    let subject = subjects::max_deliveries_advisory(&stream_name, &consumer);
-    let group = format!("jetinfer-exhausted-{consumer}");
-    let mut advisories = match client.queue_subscribe(subject, group).await {
-        Ok(subscriber) => subscriber,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot watch max-deliveries advisories");
-            return;
-        }
-    };
-    let js = jetstream::new(client.clone());
-    loop {
-        let advisory = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            next = advisories.next() => match next {
-                Some(message) => message,
-                None => return,
-            },
-        };
-        let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(&advisory.payload) else {
-            tracing::warn!("unreadable max-deliveries advisory");
-            continue;
-        };
-        bury(&client, &js, &stream, &reply, advisory).await;
-    }
-}
+/// Time between sweeps. Jobs past their deliveries are found by intake;
+/// the sweep is for the ones JetStream no longer delivers, which only
+/// configuration changes make, so it can be slow.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Most jobs one sweep buries (the next sweep goes on).
+pub const SWEEP_MAX_JOBS: usize = 256;
 
-async fn bury(
-    client: &async_nats::Client,
-    js: &jetstream::Context,
-    stream: &Stream,
-    reply: &ReplyPolicy,
-    advisory: MaxDeliveries,
-) {
-    let message = match stream.get_raw_message(advisory.stream_seq).await {
-        Ok(message) => message,
-        // Another worker got here first, or the job was answered after all.
-        Err(err) => {
-            tracing::debug!(seq = advisory.stream_seq, error = %err, "exhausted job no longer in stream");
-            return;
-        }
-    };
-    let detail = format!(
-        "gave up after {} deliveries: the job failed or crashed its worker every time",
-        advisory.deliveries
-    );
-    let job_id = message
-        .headers
-        .get(headers::MSG_ID)
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_default();
-    let letter = DeadLetter {
-        original_subject: &message.subject,
-        headers: Some(&message.headers),
-        payload: message.payload.clone(),
-        reason: "max_deliveries",
-        detail: &detail,
-        deliveries: advisory.deliveries,
-    };
-    if let Err(err) = dead_letter::publish(js, letter).await {
-        // Leave it in the jobs stream: nothing is lost, an operator can act.
-        tracing::error!(seq = advisory.stream_seq, error = %err, "exhausted job not moved to dead letters");
-        return;
-    }
-    // The same reply policy as intake: a job that never got past it (its
-    // dead letter could not be stored) must not get a reply here either.
-    let reply_to = message
-        .headers
-        .get(headers::REPLY_TO)
-        .filter(|r| reply.check(&message.subject, r.as_str()).is_ok());
-    if let Some(reply_to) = reply_to {
-        let result = JobResult::error(
-            job_id.clone(),
-            JobError::new(ErrorCode::Internal, detail.clone()),
-        );
-        if let Err(err) = jetinfer_nats::results::publish(
-            client,
-            js,
-            reply_to.as_str(),
-            encode_result(&result).into(),
+/// Buries a job that arrived past its last delivery, without running it: an
+/// error reply only where `reply` allows the job's reply subject.
+pub async fn bury_arrived(settler: &Settler, message: &Message, reply: &ReplyPolicy) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let (reply_to, job_id) = reply_and_id(&message.subject, message.headers.as_ref(), reply);
+    settler
+        .exhausted(
+            Held::Delivered(message),
+            reply_to.as_deref(),
+            &job_id,
+            // The deliveries it had, not counting this one that buries it.
+            delivered - 1,
         )
-        .await
-        {
-            tracing::warn!(job = %job_id, error = %err, "error reply for exhausted job not sent");
+        .await;
+}
+
+/// The job's reply subject where the policy allows it, and its id.
+fn reply_and_id(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    reply: &ReplyPolicy,
+) -> (Option<String>, String) {
+    let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    let reply_to = get(headers::REPLY_TO)
+        .filter(|r| reply.check(subject, r).is_ok())
+        .map(str::to_string);
+    (
+        reply_to,
+        get(headers::MSG_ID).unwrap_or_default().to_string(),
+    )
+}
+
+/// What the sweep needs: the model's consumer and the jobs stream.
+pub struct Sweep {
+    pub settler: Settler,
+    pub consumer: PullConsumer,
+    pub stream: Stream,
+    pub model: String,
+    pub reply: ReplyPolicy,
+    /// Deliveries JetStream gave a job it stopped delivering: the worker's
+    /// `consumer.max_deliver` (what the old consumer had, in every
+    /// deployment that kept one setting).
+    pub max_deliver: i64,
+}
+
+/// Sweeps at start and every [`SWEEP_INTERVAL`] until `stop`.
+pub async fn sweep(sweep: Sweep, stop: CancellationToken) {
+    let mut sweep = sweep;
+    loop {
+        match sweep.once().await {
+            Ok(0) => {}
+            Ok(buried) => tracing::warn!(buried, "buried jobs JetStream had stopped delivering"),
+            Err(err) => {
+                tracing::warn!(error = %err, "sweep for undeliverable jobs failed; trying again later")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
         }
     }
-    if let Err(err) = stream.delete_message(advisory.stream_seq).await {
-        tracing::warn!(seq = advisory.stream_seq, error = %err, "exhausted job not deleted from jobs stream");
+}
+
+impl Sweep {
+    /// One sweep: how many jobs it buried (or tried to; a failure is counted
+    /// by the Settler and the job is left for the next sweep).
+    pub async fn once(&mut self) -> Result<usize, async_nats::Error> {
+        let info = self.consumer.info().await?.clone();
+        // With a job in flight, a stored job below the delivered sequence may
+        // be that one: nothing can be told apart, so wait for a quiet moment.
+        if info.num_ack_pending > 0 {
+            return Ok(0);
+        }
+        let last = info.delivered.stream_sequence;
+        let filter = subjects::jobs_for_model(&self.model)?;
+        let mut next = info.ack_floor.stream_sequence + 1;
+        let mut buried = 0;
+        while next <= last && buried < SWEEP_MAX_JOBS {
+            let found = self
+                .stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(filter.clone())
+                .send()
+                .await;
+            let message = match found {
+                Ok(message) if message.sequence <= last => message,
+                Ok(_) => break,
+                Err(err) if matches!(err.kind(), RawMessageErrorKind::NoMessageFound) => break,
+                Err(err) => return Err(err.into()),
+            };
+            next = message.sequence + 1;
+            self.bury(&message).await;
+            buried += 1;
+        }
+        Ok(buried)
     }
-    if let Some((model, _)) = subjects::parse_job(&message.subject) {
-        jetinfer_monitoring::job_dead_lettered(model, jetinfer_monitoring::REASON_MAX_DELIVERIES);
-        jetinfer_monitoring::job_finished(model, ErrorCode::Internal.as_str(), None);
+
+    async fn bury(&self, message: &StreamMessage) {
+        let (reply_to, job_id) =
+            reply_and_id(&message.subject, Some(&message.headers), &self.reply);
+        self.settler
+            .exhausted(
+                Held::Stored {
+                    message,
+                    stream: &self.stream,
+                },
+                reply_to.as_deref(),
+                &job_id,
+                self.max_deliver,
+            )
+            .await;
     }
-    tracing::warn!(job = %job_id, deliveries = advisory.deliveries, "job moved to dead letters");
 }

@@ -109,6 +109,10 @@ impl Intake {
     async fn admit(&self, message: Message) -> Option<InFlightJob> {
         let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
         jetinfer_monitoring::job_received(&self.model, delivery);
+        if self.settler.past_last_delivery(delivery) {
+            crate::exhausted::bury_arrived(&self.settler, &message, &self.reply).await;
+            return None;
+        }
         let headers = JobHeaders::read(message.headers.as_ref());
         let rules = Rules {
             model: &self.model,

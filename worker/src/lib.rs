@@ -10,7 +10,9 @@
 //!
 //! Every job ends settled through [`publish::Settler`]: answered and acked,
 //! NAKed for a retry, or given up (error reply, dead letter, terminated).
-//! [`exhausted`] buries jobs that reached `max_deliver`.
+//! [`exhausted`]: jobs that had all their deliveries (`max_deliver`) are
+//! buried by the Settler and intake, and a sweep buries the ones JetStream
+//! itself stopped delivering.
 //! [`cancel`] follows cancelled bulk runs, whose jobs are answered
 //! `cancelled` instead of computed.
 //!
@@ -124,10 +126,10 @@ pub struct Worker {
     /// intake stops; each runs under the [`Supervisor`], which reports one
     /// that ends while the worker is not stopping.
     pipeline: Vec<JoinHandle<()>>,
-    /// Side tasks (progress acks, exhausted jobs, queue depth, cancel marks,
-    /// the connection watch), stopped by `helpers_stop` after the drain, or
-    /// at once on a failure, so no progress ack keeps a job held by a
-    /// worker that cannot finish it.
+    /// Side tasks (progress acks, the sweep for undeliverable jobs, queue
+    /// depth, cancel notices, the connection watch), stopped by
+    /// `helpers_stop` after the drain, or at once on a failure, so no
+    /// progress ack keeps a job held by a worker that cannot finish it.
     helpers: Vec<JoinHandle<()>>,
     helpers_stop: CancellationToken,
     /// The inference thread: ends when the batcher closes its input, joined
@@ -169,7 +171,12 @@ impl Worker {
         let js = jetstream::new(client.clone());
         let stream =
             jetinfer_nats::provision_stream(&js, &config.stream, &config.model.name).await?;
-        jetinfer_nats::dead_letter::provision(&js, config.stream.replicas).await?;
+        jetinfer_nats::dead_letter::provision_bounded(
+            &js,
+            config.stream.replicas,
+            config.stream.max_dead_letters_per_tenant,
+        )
+        .await?;
         if !config.stream.tenant_accounts {
             jetinfer_nats::results::provision(
                 &js,
@@ -215,8 +222,8 @@ impl Worker {
             config.model.name.clone(),
             Arc::clone(&ledger),
             config.retry,
-        );
-        let consumer_name = jetinfer_nats::subjects::consumer_name(&config.model.name)?;
+        )
+        .with_limits(config.consumer.max_deliver, config.limits.max_job_bytes);
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
@@ -228,6 +235,14 @@ impl Worker {
             (config.model.device == config::DeviceKind::Cuda).then_some(config.model.cuda_ordinal),
             helpers_stop.clone(),
         );
+        let sweep = exhausted::Sweep {
+            settler: settler.clone(),
+            consumer: consumer.clone(),
+            stream: stream.clone(),
+            model: config.model.name.clone(),
+            reply: reply.clone(),
+            max_deliver: config.consumer.max_deliver,
+        };
         let intake = intake::Intake {
             consumer,
             backend: Arc::clone(&backend),
@@ -272,13 +287,7 @@ impl Worker {
                 supervisor.clone(),
                 helpers_stop.clone(),
             )),
-            tokio::spawn(exhausted::run(
-                client,
-                stream,
-                consumer_name,
-                reply,
-                helpers_stop.clone(),
-            )),
+            tokio::spawn(exhausted::sweep(sweep, helpers_stop.clone())),
             tokio::spawn(queue_depth),
             tokio::spawn(cancel::watch(
                 cancels,

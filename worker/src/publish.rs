@@ -9,11 +9,21 @@
 //!   a dead letter with its reason, then terminated. A job whose reply
 //!   subject the reply policy forbids gets no reply at all: dead letter
 //!   (`forbidden_reply_subject`), then terminated.
+//!
+//! The Settler also counts deliveries: the consumer redelivers without limit,
+//! and a job whose last allowed delivery (`consumer.max_deliver`) fails, or
+//! that arrives once more after it, is given up here (`max_deliveries`), so
+//! burying it never waits for an advisory nobody may hear (see
+//! [`crate::exhausted`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self, AckKind, Message};
+use async_nats::HeaderMap;
+use bytes::Bytes;
 use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::results;
@@ -21,6 +31,7 @@ use jetinfer_nats::subjects::ForbiddenReply;
 use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::RetryConfig;
 use crate::infer::Done;
@@ -36,6 +47,72 @@ pub struct Settler {
     js: jetstream::Context,
     ledger: Arc<Ledger>,
     retry: RetryConfig,
+    /// Deliveries a job gets (`consumer.max_deliver`; 0 or less: no limit).
+    max_deliver: i64,
+    /// Longest payload a dead letter keeps whole (the worker's `max_job_bytes`).
+    max_whole_payload: usize,
+}
+
+/// A job being settled: delivered to this worker (settled with acks), or
+/// read from the jobs stream by the sweep (settled by deleting it).
+#[derive(Clone, Copy)]
+pub enum Held<'a> {
+    Delivered(&'a Message),
+    Stored {
+        message: &'a StreamMessage,
+        stream: &'a Stream,
+    },
+}
+
+impl Held<'_> {
+    fn subject(&self) -> &str {
+        match self {
+            Held::Delivered(m) => &m.subject,
+            Held::Stored { message, .. } => &message.subject,
+        }
+    }
+
+    fn headers(&self) -> Option<&HeaderMap> {
+        match self {
+            Held::Delivered(m) => m.headers.as_ref(),
+            Held::Stored { message, .. } => Some(&message.headers),
+        }
+    }
+
+    fn payload(&self) -> &Bytes {
+        match self {
+            Held::Delivered(m) => &m.payload,
+            Held::Stored { message, .. } => &message.payload,
+        }
+    }
+
+    /// The job's sequence in the jobs stream and when it was stored there.
+    fn stored(&self) -> Option<(u64, OffsetDateTime)> {
+        match self {
+            Held::Delivered(m) => m.info().ok().map(|i| (i.stream_sequence, i.published)),
+            Held::Stored { message, .. } => Some((message.sequence, message.time)),
+        }
+    }
+
+    /// Ends the job for good: terminated, or deleted from the stream.
+    async fn finish(&self) -> Result<(), String> {
+        match self {
+            Held::Delivered(m) => m.ack_with(AckKind::Term).await.map_err(|e| e.to_string()),
+            Held::Stored { message, stream } => stream
+                .delete_message(message.sequence)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Leaves the job to be tried again after `delay`. A stored job needs
+    /// nothing: it stays in the stream for the next sweep.
+    async fn again(&self, delay: Duration) {
+        if let Held::Delivered(m) = self {
+            let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+        }
+    }
 }
 
 impl Settler {
@@ -52,7 +129,30 @@ impl Settler {
             js,
             ledger,
             retry,
+            max_deliver: jetinfer_nats::ConsumerSettings::default().max_deliver,
+            max_whole_payload: jetinfer_schemas::Limits::default().max_job_bytes,
         }
+    }
+
+    /// The settler giving jobs `max_deliver` deliveries (0 or less: no
+    /// limit) and keeping payloads up to `max_whole_payload` bytes whole in
+    /// dead letters.
+    pub fn with_limits(mut self, max_deliver: i64, max_whole_payload: usize) -> Self {
+        self.max_deliver = max_deliver;
+        self.max_whole_payload = max_whole_payload;
+        self
+    }
+
+    /// Whether a job delivered `delivered` times has had all its deliveries:
+    /// a failure now is its last.
+    pub fn last_delivery(&self, delivered: i64) -> bool {
+        self.max_deliver > 0 && delivered >= self.max_deliver
+    }
+
+    /// Whether a job arriving for the `delivered`th time is past its last
+    /// delivery (its worker died on the last one): it is buried unrun.
+    pub fn past_last_delivery(&self, delivered: i64) -> bool {
+        self.max_deliver > 0 && delivered > self.max_deliver
     }
 
     pub fn ledger(&self) -> &Arc<Ledger> {
@@ -102,10 +202,56 @@ impl Settler {
         join_all(kept.iter().map(|job| self.settle(job, AckKind::Ack))).await;
     }
 
-    /// NAKs `job` so JetStream redelivers it after the retry policy's delay.
+    /// NAKs `job` so JetStream redelivers it after the retry policy's delay;
+    /// on its last delivery, buries it instead (`max_deliveries`).
     pub async fn retry_later(&self, job: &InFlightJob) {
+        if self.last_delivery(job.delivered) {
+            self.exhausted(
+                Held::Delivered(&job.message),
+                Some(&job.reply_to),
+                &job.id,
+                job.delivered,
+            )
+            .instrument(job.span.clone())
+            .await;
+            self.release(job);
+            return;
+        }
         let delay = self.retry.delay(job.delivered);
         self.settle(job, AckKind::Nak(Some(delay))).await;
+    }
+
+    /// Buries a job that had all its deliveries: an `internal` error reply
+    /// to `reply_to` (which must be allowed by the reply policy), a dead
+    /// letter with reason `max_deliveries`, then the job is ended.
+    pub async fn exhausted(
+        &self,
+        held: Held<'_>,
+        reply_to: Option<&str>,
+        job_id: &str,
+        deliveries: i64,
+    ) {
+        let error = JobError::new(
+            ErrorCode::Internal,
+            format!(
+                "gave up after {deliveries} deliveries: the job failed or crashed its worker every time"
+            ),
+        );
+        let reason = jetinfer_monitoring::REASON_MAX_DELIVERIES;
+        tracing::warn!(
+            job = job_id,
+            deliveries,
+            "job had all its deliveries; burying it"
+        );
+        self.refuse(
+            held,
+            reply_to,
+            job_id,
+            &error,
+            Some((reason, reason)),
+            deliveries,
+        )
+        .await;
     }
 
     /// NAKs `job` for immediate redelivery to any worker (used by the drain).
@@ -166,7 +312,16 @@ impl Settler {
             };
             (error.code.as_str(), metric)
         });
-        self.refuse(message, reply_to, job_id, &error, burial).await;
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        self.refuse(
+            Held::Delivered(message),
+            reply_to,
+            job_id,
+            &error,
+            burial,
+            delivered,
+        )
+        .await;
     }
 
     /// Buries a job whose reply subject the reply policy forbids: a dead
@@ -176,29 +331,35 @@ impl Settler {
         let error = JobError::new(ErrorCode::InvalidInput, why.to_string());
         let reason = jetinfer_monitoring::REASON_FORBIDDEN_REPLY_SUBJECT;
         tracing::warn!(job = job_id, subject = %message.subject, reason = %why, "reply subject forbidden");
-        self.refuse(message, None, job_id, &error, Some((reason, reason)))
-            .await;
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        self.refuse(
+            Held::Delivered(message),
+            None,
+            job_id,
+            &error,
+            Some((reason, reason)),
+            delivered,
+        )
+        .await;
     }
 
     /// `burial`: the dead-letter reason stored, and the one counted.
     async fn refuse(
         &self,
-        message: &Message,
+        held: Held<'_>,
         reply_to: Option<&str>,
         job_id: &str,
         error: &JobError,
         burial: Option<(&str, &str)>,
+        deliveries: i64,
     ) {
         tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job refused");
         if reply_to.is_some() {
             jetinfer_monitoring::job_finished(
                 &self.model,
                 error.code.as_str(),
-                since_stored(message),
+                since_stored(&held),
             );
-        }
-        if let Some((_, metric)) = burial {
-            jetinfer_monitoring::job_dead_lettered(&self.model, metric);
         }
         if let Some(reply_to) = reply_to {
             let result = JobResult::error(job_id.to_string(), error.clone());
@@ -212,35 +373,35 @@ impl Settler {
             if let Err(err) = stored {
                 if burial.is_none() {
                     tracing::warn!(job = job_id, error = %err, "error reply not stored; retrying the job");
-                    let delay = self
-                        .retry
-                        .delay(message.info().map(|i| i.delivered).unwrap_or(1));
-                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    held.again(self.retry.delay(deliveries)).await;
                     return;
                 }
                 tracing::warn!(job = job_id, error = %err, "publishing error reply failed; the dead letter keeps the job");
             }
         }
-        if let Some((reason, _)) = burial {
-            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        if let Some((reason, metric)) = burial {
+            let stored = held.stored();
             let letter = DeadLetter {
-                original_subject: &message.subject,
-                headers: message.headers.as_ref(),
-                payload: message.payload.clone(),
+                original_subject: held.subject(),
+                headers: held.headers(),
+                payload: held.payload().clone(),
                 reason,
                 detail: &error.message,
-                deliveries: delivered,
+                deliveries,
+                stream_sequence: stored.map(|(seq, _)| seq),
+                stored_at: stored.map(|(_, at)| at),
+                max_whole_payload: self.max_whole_payload,
             };
             if let Err(err) = dead_letter::publish(&self.js, letter).await {
-                tracing::error!(job = job_id, error = %err, "dead letter not stored; job will be redelivered");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(self.retry.max_delay)))
-                    .await;
+                tracing::error!(job = job_id, error = %err, "dead letter not stored; the job stays in the stream and is tried again");
+                jetinfer_monitoring::job_not_buried(&self.model, metric);
+                held.again(self.retry.max_delay).await;
                 return;
             }
+            jetinfer_monitoring::job_dead_lettered(&self.model, metric);
         }
-        if let Err(err) = message.ack_with(AckKind::Term).await {
-            tracing::warn!(job = job_id, error = %err, "terminating job failed");
+        if let Err(err) = held.finish().await {
+            tracing::warn!(job = job_id, error = %err, "ending the job failed");
         }
     }
 
@@ -337,9 +498,9 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
     tracing::debug!(job = %job.id, outcome, "job answered");
 }
 
-/// Time since JetStream stored `message`, when its metadata says.
-fn since_stored(message: &Message) -> Option<Duration> {
-    let published = message.info().ok()?.published;
+/// Time since JetStream stored the job, when its metadata says.
+fn since_stored(held: &Held<'_>) -> Option<Duration> {
+    let (_, published) = held.stored()?;
     (OffsetDateTime::now_utc() - published).try_into().ok()
 }
 

@@ -27,6 +27,34 @@ pub struct Secured {
     pub server: NatsServer,
     pub seeds: tempfile::TempDir,
     pub tls: Option<TlsConfig>,
+    /// The copied config, when the test renders its own tenant list.
+    rendered: Option<tempfile::TempDir>,
+}
+
+/// The environment variable a tenant's public NKey comes from, as
+/// `deploy/nats/render-accounts.sh` names it.
+pub fn tenant_key_var(tenant: &str) -> String {
+    format!(
+        "JETINFER_PRODUCER_{}_NKEY",
+        tenant.to_uppercase().replace('-', "_")
+    )
+}
+
+/// Renders `deploy/nats/accounts.conf` for `tenants` into `dir` with the
+/// shipped script, `env` overriding its limits.
+pub fn render_accounts(dir: &Path, tenants: &[&str], env: &[(&str, &str)]) {
+    let out = std::process::Command::new("bash")
+        .arg(workspace_root().join("deploy/nats/render-accounts.sh"))
+        .args(tenants)
+        .envs(env.iter().copied())
+        .output()
+        .expect("render-accounts.sh runs");
+    assert!(
+        out.status.success(),
+        "render-accounts.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("accounts.conf"), out.stdout).unwrap();
 }
 
 impl Secured {
@@ -59,24 +87,70 @@ impl Secured {
     }
 
     pub fn start_with(config: &Path, tls: Option<TlsConfig>) -> Self {
+        Self::launch(config, tls, &[], None)
+    }
+
+    /// `nats-secure.conf` with the accounts `render-accounts.sh` writes for
+    /// `tenants` (its limits overridden by `env`), from a copy the test can
+    /// render again ([`Secured::render`]) and reload. `keys_for` names
+    /// tenants whose keys the server knows from the start, configured or
+    /// not yet (a tenant added later needs its key in the environment).
+    pub fn start_rendered(tenants: &[&str], keys_for: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            workspace_root().join("deploy/nats/nats-secure.conf"),
+            dir.path().join("nats-secure.conf"),
+        )
+        .unwrap();
+        render_accounts(dir.path(), tenants, env);
+        let config = dir.path().join("nats-secure.conf");
+        Self::launch(&config, None, keys_for, Some(dir))
+    }
+
+    /// Renders the accounts for `tenants` again and reloads the server.
+    pub fn render(&self, tenants: &[&str], env: &[(&str, &str)]) {
+        let dir = self.rendered.as_ref().expect("started with start_rendered");
+        render_accounts(dir.path(), tenants, env);
+        self.server.reload();
+    }
+
+    fn launch(
+        config: &Path,
+        tls: Option<TlsConfig>,
+        extra_tenants: &[&str],
+        rendered: Option<tempfile::TempDir>,
+    ) -> Self {
         let seeds = tempfile::tempdir().unwrap();
         let mut env = Vec::new();
-        for (role, var, _) in ROLES {
+        let roles = ROLES
+            .iter()
+            .map(|(role, var, _)| (role.to_string(), var.to_string()))
+            .chain(
+                extra_tenants
+                    .iter()
+                    .map(|t| (t.to_string(), tenant_key_var(t))),
+            );
+        for (role, var) in roles {
             let key = nkeys::KeyPair::new_user();
-            std::fs::write(seed_path(seeds.path(), role), key.seed().unwrap()).unwrap();
+            std::fs::write(seed_path(seeds.path(), &role), key.seed().unwrap()).unwrap();
             env.push((var, key.public_key()));
         }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Self {
             server: NatsServer::start_with_config(config, &env),
             seeds,
             tls,
+            rendered,
         }
     }
 
     /// How `role` connects: its NKey seed file and its own inbox prefix.
     pub fn nats(&self, role: &str) -> NatsConfig {
-        let (_, _, inbox) = ROLES.iter().find(|r| r.0 == role).expect("known role");
+        let inbox = ROLES
+            .iter()
+            .find(|r| r.0 == role)
+            .map(|r| r.2.to_string())
+            .unwrap_or_else(|| format!("_INBOX_{role}"));
         NatsConfig {
             urls: vec![self.server.url()],
             name: format!("test-{role}"),
@@ -85,7 +159,7 @@ impl Secured {
                 seed_file: seed_path(self.seeds.path(), role),
             },
             tls: self.tls.clone().unwrap_or_default(),
-            inbox_prefix: inbox.to_string(),
+            inbox_prefix: inbox,
             ..NatsConfig::default()
         }
     }
