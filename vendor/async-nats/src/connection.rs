@@ -35,7 +35,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{self, AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::trace;
 
-use crate::header::{HeaderMap, HeaderName, IntoHeaderValue};
+use crate::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::status::StatusCode;
 use crate::subject::Subject;
 use crate::{ClientOp, ServerError, ServerOp, Statistics};
@@ -157,7 +157,9 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"-ERR") {
-            let description = str::from_utf8(&self.read_buf[5..len])
+            // jetinfer patch: a bare `-ERR\r\n` has no description (slicing
+            // `[5..len]` past its end panicked).
+            let description = str::from_utf8(self.read_buf.get(5..len).unwrap_or_default())
                 .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
                 .trim_matches('\'')
                 .to_owned();
@@ -214,7 +216,9 @@ impl Connection {
 
             // Return early without advancing if there is not enough data read the entire
             // message
-            if len + payload_len + 4 > self.read_buf.remaining() {
+            // jetinfer patch: checked, so a length near usize::MAX is an error,
+            // not a wrapped sum that passes this check and panics in split_to.
+            if frame_len(len, payload_len)? > self.read_buf.remaining() {
                 return Ok(None);
             }
 
@@ -322,7 +326,8 @@ impl Connection {
                 ));
             }
 
-            if len + total_len + 4 > self.read_buf.remaining() {
+            // jetinfer patch: checked, as for MSG.
+            if frame_len(len, total_len)? > self.read_buf.remaining() {
                 return Ok(None);
             }
 
@@ -331,36 +336,46 @@ impl Connection {
             let payload = self.read_buf.split_to(total_len - header_len).freeze();
             self.read_buf.advance(2);
 
-            let mut lines = std::str::from_utf8(&header)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "header isn't valid utf-8")
-                })?
-                .lines()
-                .peekable();
-            let version_line = lines.next().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-            })?;
+            // jetinfer patch: the header block is whatever a publisher sent (the
+            // server forwards it verbatim), so parsing it never fails the
+            // connection and never panics. A line that cannot be a header
+            // (no ':', an empty name or one outside ASCII 33-126, a value
+            // holding CR or LF, which `str::lines` leaves inside a line when
+            // the CR is lone), a block that is not UTF-8, a bad version or
+            // status line: each is left out of the map and described in a
+            // `MALFORMED_HEADER` header, so the message is still delivered
+            // and its receiver can refuse it.
+            let mut malformed = Malformed::default();
+            let text = String::from_utf8_lossy(&header);
+            if matches!(text, std::borrow::Cow::Owned(_)) {
+                malformed.note("header block is not valid UTF-8".to_string());
+            }
+            let mut lines = text.lines().peekable();
+            let version_line = lines.next().unwrap_or_default();
 
-            let version_line_suffix = version_line
-                .strip_prefix("NATS/1.0")
-                .map(str::trim)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "header version line does not begin with `NATS/1.0`",
-                    )
-                })?;
+            let version_line_suffix = match version_line.strip_prefix("NATS/1.0") {
+                Some(suffix) => suffix.trim(),
+                None => {
+                    malformed.note(format!(
+                        "version line {} does not begin with NATS/1.0",
+                        shown(version_line)
+                    ));
+                    ""
+                }
+            };
 
             let (status, description) = version_line_suffix
                 .split_once(' ')
                 .map(|(status, description)| (status.trim(), description.trim()))
                 .unwrap_or((version_line_suffix, ""));
             let status = if !status.is_empty() {
-                Some(
-                    status
-                        .parse::<StatusCode>()
-                        .map_err(|_| std::io::Error::other("could not parse status parameter"))?,
-                )
+                match status.parse::<StatusCode>() {
+                    Ok(status) => Some(status),
+                    Err(_) => {
+                        malformed.note(format!("status {} is not a status code", shown(status)));
+                        None
+                    }
+                }
             } else {
                 None
             };
@@ -376,12 +391,10 @@ impl Connection {
                     continue;
                 }
 
-                let (name, value) = line.split_once(':').ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
-                })?;
-
-                let name = HeaderName::from_str(name)
-                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+                let Some((name, value)) = line.split_once(':') else {
+                    malformed.note(format!("header line {} has no ':'", shown(line)));
+                    continue;
+                };
 
                 // Read the header value, which might have been split into multiple lines
                 // `trim_start` and `trim_end` do the same job as doing `value.trim().to_owned()` at the end, but without a reallocation
@@ -391,7 +404,23 @@ impl Connection {
                 }
                 value.truncate(value.trim_end().len());
 
-                headers.append(name, value.into_header_value());
+                let Some(name) = HeaderName::from_str(name).ok().filter(|_| !name.is_empty()) else {
+                    malformed.note(format!(
+                        "header name {} is not ASCII 33-126 without ':'",
+                        shown(name)
+                    ));
+                    continue;
+                };
+                match HeaderValue::from_string(value) {
+                    Ok(value) => headers.append(name, value),
+                    Err(value) => malformed.note(format!(
+                        "value of header {name} holds a CR or LF: {}",
+                        shown(&value)
+                    )),
+                }
+            }
+            if let Some(what) = malformed.described() {
+                headers.append(MALFORMED_HEADER, what);
             }
 
             trace!(
@@ -860,6 +889,59 @@ where
             .poll_close_unpin(cx)
             .map_err(std::io::Error::other)
     }
+}
+
+/// jetinfer patch: the header a message gets when its header block held
+/// something that cannot be a header; its value says what, escaped.
+pub(crate) const MALFORMED_HEADER: &str = "Async-Nats-Malformed-Header";
+
+/// jetinfer patch: `line_len` + 2 + `body_len` + 2, the bytes of a whole
+/// MSG or HMSG, or an error where that overflows.
+fn frame_len(line_len: usize, body_len: usize) -> Result<usize, io::Error> {
+    line_len
+        .checked_add(body_len)
+        .and_then(|n| n.checked_add(4))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message length overflows"))
+}
+
+/// jetinfer patch: what was wrong with a header block: the first problem,
+/// and how many there were.
+#[derive(Default)]
+struct Malformed {
+    first: Option<String>,
+    count: usize,
+}
+
+impl Malformed {
+    fn note(&mut self, what: String) {
+        self.count += 1;
+        self.first.get_or_insert(what);
+    }
+
+    /// The description, a valid header value (printable ASCII only).
+    fn described(self) -> Option<HeaderValue> {
+        let first = self.first?;
+        let text = match self.count {
+            1 => first,
+            n => format!("{first}; and {} more", n - 1),
+        };
+        HeaderValue::from_string(text).ok()
+    }
+}
+
+/// jetinfer patch: `text` quoted and escaped (printable ASCII only, so it
+/// can stand in a header value), cut to a few dozen characters.
+fn shown(text: &str) -> String {
+    const SHOWN_CHARS: usize = 48;
+    let mut out: String = text
+        .chars()
+        .take(SHOWN_CHARS)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(SHOWN_CHARS).is_some() {
+        out.push_str("...");
+    }
+    format!("\"{out}\"")
 }
 
 #[cfg(test)]

@@ -419,6 +419,16 @@ impl HeaderValue {
         HeaderValue::default()
     }
 
+    /// jetinfer patch: the fallible `From<String>` the reader uses on what
+    /// the wire holds; an invalid value is handed back.
+    pub(crate) fn from_string(inner: String) -> Result<Self, String> {
+        if validate_header_value(&inner).is_ok() {
+            Ok(Self { inner })
+        } else {
+            Err(inner)
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         self.inner.as_str()
     }
