@@ -6,7 +6,7 @@
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use jetinfer_schemas::headers;
+use jetinfer_schemas::{escape_within, headers};
 
 use crate::provision::ProvisionError;
 use crate::subjects::{self, DEAD_LETTER_STREAM};
@@ -22,6 +22,8 @@ pub const ORIGINAL_SUBJECT: &str = "Jetinfer-Dlq-Subject";
 pub const JOB_ID: &str = "Jetinfer-Dlq-Job-Id";
 /// Header with how many times the job was delivered before it was given up.
 pub const DELIVERIES: &str = "Jetinfer-Dlq-Deliveries";
+/// Most characters of an invalid job id kept (escaped) in [`JOB_ID`].
+const SHOWN_ID_CHARS: usize = 64;
 /// How long dead letters are kept.
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
 
@@ -71,7 +73,14 @@ pub async fn publish(
         .map_err(|e| DeadLetterError(e.to_string()))?;
     let mut out = HeaderMap::new();
     if let Some(id) = letter.headers.and_then(|h| h.get(headers::MSG_ID)) {
-        out.insert(JOB_ID, id.as_str());
+        // A job refused for its id keeps the id only escaped: an operator's
+        // `dlq list` must not print what a publisher chose raw.
+        let id = id.as_str();
+        if headers::valid_msg_id(id) {
+            out.insert(JOB_ID, id);
+        } else {
+            out.insert(JOB_ID, escape_within(id, SHOWN_ID_CHARS).as_str());
+        }
     }
     if let Some(original) = letter.headers {
         for (name, values) in original.iter() {
@@ -217,7 +226,7 @@ pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<String, De
     }
     out.insert(
         headers::MSG_ID,
-        format!("{}:replay:{sequence}", letter.job_id).as_str(),
+        headers::replay_msg_id(&letter.job_id, sequence).as_str(),
     );
     js.publish_with_headers(letter.original_subject.clone(), out, letter.payload.clone())
         .await
