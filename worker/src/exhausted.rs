@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::subjects::{self, ReplyPolicy};
-use jetinfer_schemas::{encode_result, headers, ErrorCode, JobError, JobResult};
+use jetinfer_schemas::{encode_result, headers, ErrorCode, JobError, JobResult, Untrusted};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ pub async fn run(
     let mut advisories = match client.queue_subscribe(subject, group).await {
         Ok(subscriber) => subscriber,
         Err(err) => {
-            tracing::error!(error = %err, "cannot watch max-deliveries advisories");
+            tracing::error!(error = %Untrusted(&err), "cannot watch max-deliveries advisories");
             return;
         }
     };
@@ -66,7 +66,7 @@ async fn bury(
         Ok(message) => message,
         // Another worker got here first, or the job was answered after all.
         Err(err) => {
-            tracing::debug!(seq = advisory.stream_seq, error = %err, "exhausted job no longer in stream");
+            tracing::debug!(seq = advisory.stream_seq, error = %Untrusted(&err), "exhausted job no longer in stream");
             return;
         }
     };
@@ -89,7 +89,7 @@ async fn bury(
     };
     if let Err(err) = dead_letter::publish(js, letter).await {
         // Leave it in the jobs stream: nothing is lost, an operator can act.
-        tracing::error!(seq = advisory.stream_seq, error = %err, "exhausted job not moved to dead letters");
+        tracing::error!(seq = advisory.stream_seq, error = %Untrusted(&err), "exhausted job not moved to dead letters");
         return;
     }
     // The same reply policy as intake: a job that never got past it (its
@@ -111,15 +111,15 @@ async fn bury(
         )
         .await
         {
-            tracing::warn!(job = %job_id, error = %err, "error reply for exhausted job not sent");
+            tracing::warn!(job = %Untrusted(&job_id), error = %Untrusted(&err), "error reply for exhausted job not sent");
         }
     }
     if let Err(err) = stream.delete_message(advisory.stream_seq).await {
-        tracing::warn!(seq = advisory.stream_seq, error = %err, "exhausted job not deleted from jobs stream");
+        tracing::warn!(seq = advisory.stream_seq, error = %Untrusted(&err), "exhausted job not deleted from jobs stream");
     }
     if let Some((model, _)) = subjects::parse_job(&message.subject) {
         jetinfer_monitoring::job_dead_lettered(model, jetinfer_monitoring::REASON_MAX_DELIVERIES);
         jetinfer_monitoring::job_finished(model, ErrorCode::Internal.as_str(), None);
     }
-    tracing::warn!(job = %job_id, deliveries = advisory.deliveries, "job moved to dead letters");
+    tracing::warn!(job = %Untrusted(&job_id), deliveries = advisory.deliveries, "job moved to dead letters");
 }

@@ -83,7 +83,7 @@ fn embed(backend: &dyn Backend, inputs: &[&[u32]]) -> Vec<Result<Vec<f32>, Backe
         Ok(embeddings) => embeddings.into_iter().map(Ok).collect(),
         Err(err) if inputs.len() == 1 => vec![Err(err)],
         Err(err) => {
-            tracing::warn!(error = %err, size = inputs.len(), "batch failed; running its inputs one by one");
+            tracing::warn!(error = %jetinfer_schemas::Untrusted(&err), size = inputs.len(), "batch failed; running its inputs one by one");
             inputs
                 .iter()
                 .map(|input| {

@@ -18,7 +18,9 @@ use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::results;
 use jetinfer_nats::subjects::ForbiddenReply;
-use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
+use jetinfer_schemas::{
+    encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome, Untrusted,
+};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -94,7 +96,7 @@ impl Settler {
                     kept.push(job);
                 }
                 Err(err) => {
-                    tracing::warn!(job = %job.id, error = %err, "result not stored; retrying the job");
+                    tracing::warn!(job = %Untrusted(&job.id), error = %Untrusted(&err), "result not stored; retrying the job");
                     self.retry_later(&job).await;
                 }
             }
@@ -121,7 +123,7 @@ impl Settler {
             other => job.message.ack_with(other).await,
         };
         if let Err(err) = outcome {
-            tracing::warn!(job = %job.id, error = %err, "settling job failed; JetStream will redeliver it");
+            tracing::warn!(job = %Untrusted(&job.id), error = %Untrusted(&err), "settling job failed; JetStream will redeliver it");
         }
         self.release(job);
     }
@@ -130,7 +132,7 @@ impl Settler {
     /// process that exits without it loses its last NAKs and acks.
     pub async fn flush(&self) {
         if let Err(err) = self.client.flush().await {
-            tracing::warn!(error = %err, "final flush failed");
+            tracing::warn!(error = %Untrusted(&err), "final flush failed");
         }
     }
 
@@ -138,7 +140,7 @@ impl Settler {
     /// or running here.
     pub async fn keep_alive(&self, job: &InFlightJob) {
         if let Err(err) = job.message.ack_with(AckKind::Progress).await {
-            tracing::debug!(job = %job.id, error = %err, "progress ack failed");
+            tracing::debug!(job = %Untrusted(&job.id), error = %Untrusted(&err), "progress ack failed");
         }
     }
 
@@ -175,7 +177,12 @@ impl Settler {
     pub async fn forbid_reply(&self, message: &Message, job_id: &str, why: &ForbiddenReply) {
         let error = JobError::new(ErrorCode::InvalidInput, why.to_string());
         let reason = jetinfer_monitoring::REASON_FORBIDDEN_REPLY_SUBJECT;
-        tracing::warn!(job = job_id, subject = %message.subject, reason = %why, "reply subject forbidden");
+        tracing::warn!(
+            job = %Untrusted(job_id),
+            subject = %Untrusted(&message.subject),
+            reason = %Untrusted(why),
+            "reply subject forbidden"
+        );
         self.refuse(message, None, job_id, &error, Some((reason, reason)))
             .await;
     }
@@ -189,7 +196,12 @@ impl Settler {
         error: &JobError,
         burial: Option<(&str, &str)>,
     ) {
-        tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job refused");
+        tracing::info!(
+            job = %Untrusted(job_id),
+            code = %error.code,
+            reason = %Untrusted(&error.message),
+            "job refused"
+        );
         if reply_to.is_some() {
             jetinfer_monitoring::job_finished(
                 &self.model,
@@ -211,14 +223,14 @@ impl Settler {
             .await;
             if let Err(err) = stored {
                 if burial.is_none() {
-                    tracing::warn!(job = job_id, error = %err, "error reply not stored; retrying the job");
+                    tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "error reply not stored; retrying the job");
                     let delay = self
                         .retry
                         .delay(message.info().map(|i| i.delivered).unwrap_or(1));
                     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                     return;
                 }
-                tracing::warn!(job = job_id, error = %err, "publishing error reply failed; the dead letter keeps the job");
+                tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "publishing error reply failed; the dead letter keeps the job");
             }
         }
         if let Some((reason, _)) = burial {
@@ -232,7 +244,7 @@ impl Settler {
                 deliveries: delivered,
             };
             if let Err(err) = dead_letter::publish(&self.js, letter).await {
-                tracing::error!(job = job_id, error = %err, "dead letter not stored; job will be redelivered");
+                tracing::error!(job = %Untrusted(job_id), error = %Untrusted(&err), "dead letter not stored; job will be redelivered");
                 let _ = message
                     .ack_with(AckKind::Nak(Some(self.retry.max_delay)))
                     .await;
@@ -240,7 +252,7 @@ impl Settler {
             }
         }
         if let Err(err) = message.ack_with(AckKind::Term).await {
-            tracing::warn!(job = job_id, error = %err, "terminating job failed");
+            tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "terminating job failed");
         }
     }
 
@@ -289,7 +301,7 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
                     // the job later. One that keeps failing reaches max_deliver
                     // and becomes a dead letter.
                     if item.job.fail() {
-                        tracing::warn!(job = %item.job.id, error = %err, "inference failed; retrying the job later");
+                        tracing::warn!(job = %Untrusted(&item.job.id), error = %Untrusted(&err), "inference failed; retrying the job later");
                         settler.retry_later(&item.job).await;
                     }
                     continue;
@@ -323,7 +335,7 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
     };
     let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();
     jetinfer_monitoring::job_finished(model, outcome, stored);
-    tracing::debug!(job = %job.id, outcome, "job answered");
+    tracing::debug!(job = %Untrusted(&job.id), outcome, "job answered");
 }
 
 /// Time since JetStream stored `message`, when its metadata says.
