@@ -129,7 +129,7 @@ where
         )
         .when(|err| matches!(err, ConnectError::Unreachable { .. }))
         .notify(
-            |err, after| tracing::warn!(error = %err, retry_in = ?after, "NATS not reachable yet"),
+            |err, after| tracing::warn!(error = %jetinfer_schemas::Untrusted(err), retry_in = ?after, "NATS not reachable yet"),
         )
         .await
 }

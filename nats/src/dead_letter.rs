@@ -495,7 +495,7 @@ pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<String, De
     }
     out.insert(
         headers::MSG_ID,
-        format!("{}:replay:{sequence}", letter.job_id).as_str(),
+        headers::replay_msg_id(&letter.job_id, sequence).as_str(),
     );
     js.publish_with_headers(letter.original_subject.clone(), out, letter.payload.clone())
         .await

@@ -166,6 +166,7 @@ impl PublishJobError {
 pub const DEDUP_TAG_SEPARATOR: char = '~';
 /// Hex digits of the tag: 128 bits, beyond guessing.
 const DEDUP_TAG_HEX: usize = 32;
+const _: () = assert!(1 + DEDUP_TAG_HEX == headers::DEDUP_TAG_LEN);
 
 /// The `Nats-Msg-Id` of `tenant`'s job `id` from this process:
 /// `<id>~<tag>`, the tag being the first 128 bits of

@@ -131,6 +131,13 @@ impl NatsServer {
         std::fs::read_to_string(log_path(self.store.path())).unwrap_or_default()
     }
 
+    /// Where the server's copy of its config files is (for
+    /// [`NatsServer::start_with_config`]): a test changes the config the
+    /// server reloads there.
+    pub fn config_dir(&self) -> Option<&Path> {
+        self._config.as_ref().map(|dir| dir.path())
+    }
+
     /// Asks the server to read its config file again (SIGHUP, as
     /// `nats-server --signal reload` does); clients stay connected.
     pub fn reload(&self) {

@@ -1,6 +1,6 @@
 //! MessagePack encoding with named fields, and size-checked decoding.
 
-use crate::{ErrorCode, Job, JobError, JobResult, Limits};
+use crate::{escape_within, ErrorCode, Job, JobError, JobResult, Limits, MAX_SHOWN_CHARS};
 
 /// Why bytes could not be turned into a job or result.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +17,9 @@ impl From<DecodeError> for JobError {
             DecodeError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
             DecodeError::Malformed(_) => ErrorCode::InvalidInput,
         };
-        JobError::new(code, err.to_string())
+        // A decoder's message can quote what it read (an unknown variant, a
+        // bad string): it is shown escaped and cut short.
+        JobError::new(code, escape_within(&err.to_string(), MAX_SHOWN_CHARS))
     }
 }
 

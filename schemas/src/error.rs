@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     /// The job could not be decoded or breaks a rule (empty inputs, bad id...).
     InvalidInput,
+    /// A header of the job message is malformed or over its limit (see
+    /// `headers`); the message names which.
+    InvalidHeader,
     /// No worker serves the requested model.
     UnknownModel,
     /// An input is longer than the model accepts and the job asked to reject.
@@ -45,6 +48,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidInput => "invalid_input",
+            Self::InvalidHeader => "invalid_header",
             Self::UnknownModel => "unknown_model",
             Self::InputTooLong => "input_too_long",
             Self::TooManyInputs => "too_many_inputs",

@@ -11,29 +11,19 @@
 
 mod codec;
 mod error;
+pub mod headers;
 mod job;
 mod limits;
 mod result;
+mod untrusted;
 
 pub use codec::{decode_job, decode_result, encode_job, encode_result, DecodeError};
 pub use error::{ErrorCode, JobError};
 pub use job::{Job, JobId, JobOptions, Truncation};
 pub use limits::Limits;
 pub use result::{Embeddings, JobResult, ModelInfo, Outcome, Timings};
+pub use untrusted::{escape_for_log, escape_within, Untrusted, MAX_SHOWN_CHARS};
 
 /// Version of the wire format this crate writes. Readers accept any version up
 /// to this one; a newer version is refused with [`ErrorCode::UnsupportedVersion`].
 pub const WIRE_VERSION: u16 = 1;
-
-/// Header names jetinfer sets on job messages.
-pub mod headers {
-    /// Subject the worker publishes the [`crate::JobResult`] to.
-    pub const REPLY_TO: &str = "Jetinfer-Reply-To";
-    /// JetStream's de-duplication header; jetinfer sets it to the job id.
-    pub const MSG_ID: &str = "Nats-Msg-Id";
-    /// W3C trace context of the submitting caller, carried into the worker's spans.
-    pub const TRACEPARENT: &str = "traceparent";
-    /// The bulk run a job belongs to (`jetinfer bulk`); workers answer jobs
-    /// of a cancelled run `cancelled` instead of computing them.
-    pub const BULK_RUN: &str = "Jetinfer-Bulk-Run";
-}

@@ -233,7 +233,7 @@ impl HttpServer {
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
             if let Err(err) = served {
-                tracing::error!(error = %err, "HTTP endpoint failed");
+                tracing::error!(error = %jetinfer_schemas::Untrusted(&err), "HTTP endpoint failed");
             }
         });
         tracing::info!(addr = %local_addr, metrics_token = guarded, "serving /metrics, /healthz, /readyz");

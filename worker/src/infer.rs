@@ -132,7 +132,7 @@ fn embed(
         Err(err @ BackendError::Unusable(_)) => Err(err),
         Err(err) if inputs.len() == 1 => Ok(vec![Err(err)]),
         Err(err) => {
-            tracing::warn!(error = %err, size = inputs.len(), "batch failed; running its inputs one by one");
+            tracing::warn!(error = %jetinfer_schemas::Untrusted(&err), size = inputs.len(), "batch failed; running its inputs one by one");
             inputs
                 .iter()
                 .map(

@@ -1,8 +1,9 @@
 //! The intake stage: pulls job messages from the model's consumer, screens
-//! them ([`screen`]: reply subject, size, decoding, limits, model, deadline),
-//! applies the tenant's limits (held jobs, jobs and inputs per second),
-//! tokenises their inputs off the runtime, charges the tokens to the
-//! tenant's token rate, and hands admitted jobs to the batcher. A job that can never succeed is
+//! them ([`JobHeaders::read`] and [`screen`]: headers, reply subject, size,
+//! decoding, limits, model, deadline), applies the tenant's limits (held
+//! jobs, jobs and inputs per second), tokenises their inputs off the
+//! runtime, charges the tokens to the tenant's token rate, and hands
+//! admitted jobs to the batcher. A job that can never succeed is
 //! answered here with a typed error and never reaches the model.
 
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use async_nats::HeaderMap;
 use futures::StreamExt;
 use jetinfer_nats::publish::valid_traceparent;
 use jetinfer_nats::subjects::{self, ForbiddenReply, ReplyPolicy};
-use jetinfer_schemas::{decode_job, headers, ErrorCode, Job, JobError, Limits, Truncation};
+use jetinfer_schemas::{
+    decode_job, escape_within, headers, ErrorCode, Job, JobError, Limits, Truncation, Untrusted,
+};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +74,7 @@ impl Intake {
             let mut messages = match request {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(error = %err, "pull failed; retrying");
+                    tracing::warn!(error = %Untrusted(&err), "pull failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(REPULL_DELAY) => continue,
@@ -82,19 +85,20 @@ impl Intake {
                 let message = match next {
                     Ok(message) => message,
                     Err(err) => {
-                        tracing::warn!(error = %err, "pull interrupted; pulling again");
+                        tracing::warn!(error = %Untrusted(&err), "pull interrupted; pulling again");
                         tokio::time::sleep(REPULL_DELAY).await;
                         break;
                     }
                 };
                 if shutdown.is_cancelled() || downstream_gone {
                     if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                        tracing::warn!(error = %err, "handing back a job failed; it returns after ack_wait");
+                        tracing::warn!(error = %Untrusted(&err), "handing back a job failed; it returns after ack_wait");
                     }
                     continue;
                 }
-                let span = job_span(&message);
-                if let Some(job) = self.admit(message).instrument(span.clone()).await {
+                let headers = JobHeaders::read(message.headers.as_ref());
+                let span = job_span(&headers);
+                if let Some(job) = self.admit(message, headers).instrument(span.clone()).await {
                     let job = Arc::new(job.with_span(span));
                     self.settler.admitted(&job);
                     if jobs.send(job).await.is_err() {
@@ -106,14 +110,13 @@ impl Intake {
     }
 
     /// Turns a message into an admitted job, or settles it and returns `None`.
-    async fn admit(&self, message: Message) -> Option<InFlightJob> {
+    async fn admit(&self, message: Message, headers: JobHeaders) -> Option<InFlightJob> {
         let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
         jetinfer_monitoring::job_received(&self.model, delivery);
         if self.settler.past_last_delivery(delivery) {
             crate::exhausted::bury_arrived(&self.settler, &message, &self.reply).await;
             return None;
         }
-        let headers = JobHeaders::read(message.headers.as_ref());
         let rules = Rules {
             model: &self.model,
             limits: &self.limits,
@@ -151,7 +154,7 @@ impl Intake {
             reply_to,
             tenant,
         } = screened;
-        let cancel_flag = self.cancel_flag(&message);
+        let cancel_flag = self.cancel_flag(&message.subject, headers.bulk_run.as_deref());
         if crate::cancel::is_cancelled(&cancel_flag) {
             // Answered, not poison: no dead letter. Before the rate limit,
             // so a cancelled run costs its tenant none of its rate.
@@ -223,15 +226,12 @@ impl Intake {
         )
     }
 
-    /// The cancel flag of the bulk run the job belongs to, if it names one.
-    /// The tenant comes from the subject, never from the producer's header.
-    fn cancel_flag(&self, message: &Message) -> Option<Arc<AtomicBool>> {
-        let run = message.headers.as_ref()?.get(headers::BULK_RUN)?;
-        // Only a valid run id can name a run (a longer value would make the
-        // flag map hold whatever a tenant sends).
-        subjects::check_run_id(run.as_str()).ok()?;
-        let (_, tenant) = subjects::parse_job(&message.subject)?;
-        Some(self.cancellations.flag(tenant, run.as_str()))
+    /// The cancel flag of the bulk run the job belongs to, if it names one
+    /// (`run`: screened, a valid run id). The tenant comes from the subject,
+    /// never from the producer's header.
+    fn cancel_flag(&self, subject: &str, run: Option<&str>) -> Option<Arc<AtomicBool>> {
+        let (_, tenant) = subjects::parse_job(subject)?;
+        Some(self.cancellations.flag(tenant, run?))
     }
 
     /// Tokenises every input on a blocking thread.
@@ -263,33 +263,195 @@ impl Intake {
     }
 }
 
-/// The headers intake reads from a job message, whatever bytes they hold.
+/// The headers intake reads from a job message, whatever bytes they hold,
+/// and the first rule the message's header block breaks, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobHeaders {
-    /// Where the producer wants the result (`Jetinfer-Reply-To`), unchecked.
+    /// Where the producer wants the result (`Jetinfer-Reply-To`), unchecked:
+    /// [`screen`] checks it against the reply policy.
     pub reply_to: Option<String>,
     /// The job id from `Nats-Msg-Id` (without its de-duplication tag), or
     /// empty: what a job that cannot be decoded is answered and buried under.
+    /// Raw: show it only through [`Untrusted`].
     pub msg_id: String,
     /// The producer's W3C `traceparent`, only if well-formed: anything else
     /// is dropped rather than carried into logs.
     pub traceparent: Option<String>,
+    /// The bulk run the job belongs to (`Jetinfer-Bulk-Run`); a valid run id
+    /// whenever `invalid` is `None`.
+    pub bulk_run: Option<String>,
+    /// Why the headers are refused; [`screen`] refuses the job with
+    /// `invalid_header` before reading anything else.
+    pub invalid: Option<HeaderError>,
+}
+
+/// Most characters of a header's name or value quoted in a refusal.
+const SHOWN_IN_REASON: usize = 96;
+
+/// Why a job's headers are refused. The message names the header and shows
+/// what it held only escaped and cut short.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The NATS client found a line that cannot be a header (it left the
+    /// line out and said what it was in [`headers::MALFORMED`]).
+    #[error("the header block is malformed: {0}")]
+    Malformed(String),
+    #[error(
+        "the headers take {bytes} bytes, the limit is {}",
+        headers::MAX_HEADER_BYTES
+    )]
+    TooLarge { bytes: usize },
+    #[error("header {name} appears {count} times; it may appear once")]
+    Repeated { name: &'static str, count: usize },
+    #[error("header {name} is {len} bytes, the limit is {max}")]
+    TooLong {
+        name: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("header {name} {why}")]
+    Invalid {
+        name: &'static str,
+        why: &'static str,
+    },
+    #[error("header name {0} is not ASCII 33-126 without ':'")]
+    Name(String),
+    #[error("header {name} holds control character {found}; header values are printable text")]
+    Control { name: String, found: String },
 }
 
 impl JobHeaders {
+    /// Reads and screens `headers`, most telling checks first: the client's
+    /// mark of a malformed block; each header jetinfer reads (at most once,
+    /// and valid: `Nats-Msg-Id` a printable ASCII id of at most
+    /// [`headers::MAX_MSG_ID_LEN`] bytes, `Jetinfer-Bulk-Run` a run id); the
+    /// total size ([`headers::MAX_HEADER_BYTES`], which bounds the work of
+    /// the rest); then every header's name and value bytes, in name order.
+    /// The reply subject's bytes are left to the reply policy ([`screen`]).
     pub fn read(headers: Option<&HeaderMap>) -> Self {
-        let get = |name: &str| {
-            headers
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
+        let Some(map) = headers else {
+            return Self::default();
         };
-        Self {
+        let get = |name: &str| map.get(name).map(|v| v.as_str().to_string());
+        let bulk_run = get(headers::BULK_RUN);
+        let mut read = Self {
             reply_to: get(headers::REPLY_TO),
             msg_id: get(headers::MSG_ID)
                 .map(|id| jetinfer_nats::publish::job_id_of(&id).to_string())
                 .unwrap_or_default(),
             traceparent: get(headers::TRACEPARENT).filter(|t| valid_traceparent(t)),
+            bulk_run: None,
+            invalid: None,
+        };
+        match check_headers(map, bulk_run.as_deref()) {
+            Ok(()) => read.bulk_run = bulk_run,
+            Err(invalid) => read.invalid = Some(invalid),
         }
+        read
+    }
+
+    /// The id an error reply for these headers carries: the job's
+    /// `Nats-Msg-Id` (the producer's job id) when it is a valid one, else
+    /// empty.
+    fn reply_id(&self) -> &str {
+        if headers::valid_msg_id(&self.msg_id) {
+            &self.msg_id
+        } else {
+            ""
+        }
+    }
+}
+
+fn check_headers(map: &HeaderMap, bulk_run: Option<&str>) -> Result<(), HeaderError> {
+    if let Some(what) = map.get_all(headers::MALFORMED).next() {
+        return Err(HeaderError::Malformed(quote_marker(what.as_str())));
+    }
+    for name in headers::READ_ONCE {
+        let count = map.get_all(name).count();
+        if count > 1 {
+            return Err(HeaderError::Repeated { name, count });
+        }
+    }
+    if let Some(id) = map.get(headers::MSG_ID).map(|id| id.as_str()) {
+        if id.len() > headers::MAX_MSG_ID_LEN {
+            return Err(HeaderError::TooLong {
+                name: headers::MSG_ID,
+                len: id.len(),
+                max: headers::MAX_MSG_ID_LEN,
+            });
+        }
+        if !headers::valid_msg_id(id) {
+            return Err(HeaderError::Invalid {
+                name: headers::MSG_ID,
+                why: "is not a job id: printable ASCII without spaces",
+            });
+        }
+    }
+    if let Some(run) = bulk_run {
+        if run.len() > subjects::MAX_RUN_ID_LEN {
+            return Err(HeaderError::TooLong {
+                name: headers::BULK_RUN,
+                len: run.len(),
+                max: subjects::MAX_RUN_ID_LEN,
+            });
+        }
+        if subjects::check_run_id(run).is_err() {
+            return Err(HeaderError::Invalid {
+                name: headers::BULK_RUN,
+                why: "is not a run id: A-Z, a-z, 0-9, '-' and '_' only",
+            });
+        }
+    }
+    let lines = map
+        .iter()
+        .flat_map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(move |v| headers::line_bytes(name, v.as_str()))
+        })
+        .fold(0usize, usize::saturating_add);
+    let bytes = headers::block_bytes(lines);
+    if bytes > headers::MAX_HEADER_BYTES {
+        return Err(HeaderError::TooLarge { bytes });
+    }
+    // Under the size limit there are few headers: sorting them makes the
+    // reason the same whichever order the map holds them in.
+    let mut names: Vec<&str> = map.iter().map(|(name, _)| name.as_ref()).collect();
+    names.sort_unstable();
+    for name in names {
+        if !headers::valid_name(name) {
+            return Err(HeaderError::Name(escape_within(name, SHOWN_IN_REASON)));
+        }
+        // The reply policy judges the reply subject, more strictly (literal
+        // tokens of A-Z a-z 0-9 - _), and refuses it as a forbidden reply.
+        if name == headers::REPLY_TO {
+            continue;
+        }
+        for value in map.get_all(name) {
+            if let Some(c) = headers::control_char(value.as_str()) {
+                return Err(HeaderError::Control {
+                    name: name.to_string(),
+                    found: escape_within(&c.to_string(), 1),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The client's description of a malformed block, as it is when it is
+/// printable ASCII (the patched client escapes what it quotes), else
+/// escaped (a publisher can set the header itself); cut short either way.
+fn quote_marker(what: &str) -> String {
+    if what.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        let mut shown: String = what.chars().take(SHOWN_IN_REASON).collect();
+        if what.len() > shown.len() {
+            shown.push('…');
+        }
+        shown
+    } else {
+        escape_within(what, SHOWN_IN_REASON)
     }
 }
 
@@ -327,7 +489,9 @@ pub enum Refusal {
 }
 
 /// Every check before tokenisation, cheapest and most important first: the
-/// reply subject (so not even an error reply goes anywhere it should not),
+/// headers ([`JobHeaders::read`]; a refusal is answered only on an allowed
+/// reply subject), the reply subject (so not even an error reply goes
+/// anywhere it should not),
 /// the message size (before decoding), decoding (MessagePack, UTF-8), the
 /// limits, the model allow-list, the deadline.
 pub fn screen(
@@ -337,6 +501,18 @@ pub fn screen(
     rules: &Rules<'_>,
     now: OffsetDateTime,
 ) -> Result<Screened, Refusal> {
+    if let Some(invalid) = &headers.invalid {
+        // Answered only where the reply policy allows, as every reply is.
+        let reply_to = headers
+            .reply_to
+            .clone()
+            .filter(|r| rules.reply.check(subject, r).is_ok());
+        return Err(Refusal::Error {
+            reply_to,
+            job_id: headers.reply_id().to_string(),
+            error: JobError::new(ErrorCode::InvalidHeader, invalid.to_string()),
+        });
+    }
     if let Some(reply_to) = &headers.reply_to {
         rules
             .reply
@@ -386,19 +562,14 @@ pub fn screen(
 }
 
 /// The span a job's log lines carry from intake to its reply: its JetStream
-/// identity and the producer's `traceparent` (W3C trace context), if any, so
-/// logs join the caller's trace.
-fn job_span(message: &Message) -> tracing::Span {
-    let headers = JobHeaders::read(message.headers.as_ref());
-    let traceparent = headers.traceparent.unwrap_or_default();
-    let trace_id = traceparent
-        .split('-')
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
+/// identity (escaped: it is whatever the publisher sent) and the producer's
+/// `traceparent` (W3C trace context), if any, so logs join the caller's trace.
+fn job_span(headers: &JobHeaders) -> tracing::Span {
+    let traceparent = headers.traceparent.as_deref().unwrap_or_default();
+    let trace_id = traceparent.split('-').nth(1).unwrap_or_default();
     tracing::info_span!(
         "job",
-        id = %headers.msg_id,
+        id = %Untrusted(&headers.msg_id),
         traceparent = %traceparent,
         trace_id = %trace_id,
     )

@@ -25,8 +25,9 @@
 //! [`Worker::run_until_stopped`] that the binary turns into its exit status.
 //!
 //! Beside the data path: [`http`] (`/metrics`, `/healthz`, `/readyz`),
-//! [`queue_depth`] (queue depth and drain estimate from JetStream) and
-//! [`discovery`] (the NATS Services API). Metric names live in
+//! [`queue_depth`] (queue depth and drain estimate from JetStream),
+//! [`discovery`] (the NATS Services API) and [`logging`] (the log, with
+//! every control byte escaped). Metric names live in
 //! `jetinfer-monitoring`; the stages call its one-line recording functions.
 
 pub mod backend;
@@ -39,6 +40,7 @@ pub mod http;
 pub mod infer;
 pub mod intake;
 pub mod job;
+pub mod logging;
 pub mod publish;
 pub mod queue_depth;
 pub mod rate_limit;
@@ -48,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use jetinfer_schemas::Untrusted;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -89,7 +92,7 @@ pub enum WorkerError {
 pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendError> {
     // Install first: a load recorded before the recorder exists would be lost.
     if let Err(err) = jetinfer_monitoring::install() {
-        tracing::warn!(error = %err, "metrics unavailable");
+        tracing::warn!(error = %Untrusted(&err), "metrics unavailable");
     }
     let clock = std::time::Instant::now();
     let loaded: Result<Arc<dyn Backend>, BackendError> = match config.backend {
@@ -379,7 +382,7 @@ impl Worker {
             match tokio::time::timeout(LAST_WORDS, service.stop()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
-                    tracing::warn!(error = %err, "leaving the NATS Services API failed")
+                    tracing::warn!(error = %Untrusted(&err), "leaving the NATS Services API failed")
                 }
                 Err(_) => tracing::warn!("leaving the NATS Services API timed out"),
             }

@@ -15,7 +15,6 @@ use jetinfer_worker::config::WorkerConfig;
 use jetinfer_worker::http::{Health, HttpServer};
 use jetinfer_worker::supervise::{panic_message, Failure};
 use jetinfer_worker::{load_backend, Worker};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -52,7 +51,7 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = WorkerConfig::load(args.config.as_deref()).context("loading configuration")?;
-    init_logging(config.log.json);
+    jetinfer_worker::logging::init(config.log.json);
     log_panics();
     if args.print_config {
         println!("{}", config_dump(&config)?);
@@ -99,18 +98,6 @@ fn log_panics() {
 fn config_dump(config: &WorkerConfig) -> anyhow::Result<String> {
     // Secrets are file paths in the config, never values, so the dump is safe.
     Ok(serde_json::to_string_pretty(config)?)
-}
-
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn wait_for_signal() {

@@ -28,7 +28,9 @@ use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::results;
 use jetinfer_nats::subjects::ForbiddenReply;
-use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome};
+use jetinfer_schemas::{
+    encode_result, ErrorCode, JobError, JobResult, ModelInfo, Outcome, Untrusted,
+};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -194,7 +196,7 @@ impl Settler {
                     kept.push(job);
                 }
                 Err(err) => {
-                    tracing::warn!(job = %job.id, error = %err, "result not stored; retrying the job");
+                    tracing::warn!(job = %Untrusted(&job.id), error = %Untrusted(&err), "result not stored; retrying the job");
                     self.retry_later(&job).await;
                 }
             }
@@ -267,7 +269,7 @@ impl Settler {
             other => job.message.ack_with(other).await,
         };
         if let Err(err) = outcome {
-            tracing::warn!(job = %job.id, error = %err, "settling job failed; JetStream will redeliver it");
+            tracing::warn!(job = %Untrusted(&job.id), error = %Untrusted(&err), "settling job failed; JetStream will redeliver it");
         }
         self.release(job);
     }
@@ -276,7 +278,7 @@ impl Settler {
     /// process that exits without it loses its last NAKs and acks.
     pub async fn flush(&self) {
         if let Err(err) = self.client.flush().await {
-            tracing::warn!(error = %err, "final flush failed");
+            tracing::warn!(error = %Untrusted(&err), "final flush failed");
         }
     }
 
@@ -284,7 +286,7 @@ impl Settler {
     /// or running here.
     pub async fn keep_alive(&self, job: &InFlightJob) {
         if let Err(err) = job.message.ack_with(AckKind::Progress).await {
-            tracing::debug!(job = %job.id, error = %err, "progress ack failed");
+            tracing::debug!(job = %Untrusted(&job.id), error = %Untrusted(&err), "progress ack failed");
         }
     }
 
@@ -330,7 +332,7 @@ impl Settler {
     pub async fn forbid_reply(&self, message: &Message, job_id: &str, why: &ForbiddenReply) {
         let error = JobError::new(ErrorCode::InvalidInput, why.to_string());
         let reason = jetinfer_monitoring::REASON_FORBIDDEN_REPLY_SUBJECT;
-        tracing::warn!(job = job_id, subject = %message.subject, reason = %why, "reply subject forbidden");
+        tracing::warn!(job = %Untrusted(job_id), subject = %Untrusted(&message.subject), reason = %Untrusted(why), "reply subject forbidden");
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         self.refuse(
             Held::Delivered(message),
@@ -353,7 +355,12 @@ impl Settler {
         burial: Option<(&str, &str)>,
         deliveries: i64,
     ) {
-        tracing::info!(job = job_id, code = %error.code, reason = %error.message, "job refused");
+        tracing::info!(
+            job = %Untrusted(job_id),
+            code = %error.code,
+            reason = %Untrusted(&error.message),
+            "job refused"
+        );
         if reply_to.is_some() {
             jetinfer_monitoring::job_finished(
                 &self.model,
@@ -372,11 +379,11 @@ impl Settler {
             .await;
             if let Err(err) = stored {
                 if burial.is_none() {
-                    tracing::warn!(job = job_id, error = %err, "error reply not stored; retrying the job");
+                    tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "error reply not stored; retrying the job");
                     held.again(self.retry.delay(deliveries)).await;
                     return;
                 }
-                tracing::warn!(job = job_id, error = %err, "publishing error reply failed; the dead letter keeps the job");
+                tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "publishing error reply failed; the dead letter keeps the job");
             }
         }
         if let Some((reason, metric)) = burial {
@@ -393,7 +400,7 @@ impl Settler {
                 max_whole_payload: self.max_whole_payload,
             };
             if let Err(err) = dead_letter::publish(&self.js, letter).await {
-                tracing::error!(job = job_id, error = %err, "dead letter not stored; the job stays in the stream and is tried again");
+                tracing::error!(job = %Untrusted(job_id), error = %Untrusted(&err), "dead letter not stored; the job stays in the stream and is tried again");
                 jetinfer_monitoring::job_not_buried(&self.model, metric);
                 held.again(self.retry.max_delay).await;
                 return;
@@ -401,7 +408,7 @@ impl Settler {
             jetinfer_monitoring::job_dead_lettered(&self.model, metric);
         }
         if let Err(err) = held.finish().await {
-            tracing::warn!(job = job_id, error = %err, "ending the job failed");
+            tracing::warn!(job = %Untrusted(job_id), error = %Untrusted(&err), "ending the job failed");
         }
     }
 
@@ -461,7 +468,7 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
                     // the job later. One that keeps failing reaches max_deliver
                     // and becomes a dead letter.
                     if item.job.fail() {
-                        tracing::warn!(job = %item.job.id, error = %err, "inference failed; retrying the job later");
+                        tracing::warn!(job = %Untrusted(&item.job.id), error = %Untrusted(&err), "inference failed; retrying the job later");
                         settler.retry_later(&item.job).await;
                     }
                     continue;
@@ -495,7 +502,7 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
     };
     let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();
     jetinfer_monitoring::job_finished(model, outcome, stored);
-    tracing::debug!(job = %job.id, outcome, "job answered");
+    tracing::debug!(job = %Untrusted(&job.id), outcome, "job answered");
 }
 
 /// Time since JetStream stored the job, when its metadata says.

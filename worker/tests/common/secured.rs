@@ -107,10 +107,15 @@ impl Secured {
         Self::launch(&config, None, keys_for, Some(dir))
     }
 
-    /// Renders the accounts for `tenants` again and reloads the server.
+    /// Renders the accounts for `tenants` again, into the server's copy of
+    /// its config, and reloads the server.
     pub fn render(&self, tenants: &[&str], env: &[(&str, &str)]) {
-        let dir = self.rendered.as_ref().expect("started with start_rendered");
-        render_accounts(dir.path(), tenants, env);
+        assert!(self.rendered.is_some(), "started with start_rendered");
+        let dir = self
+            .server
+            .config_dir()
+            .expect("the server runs from a copy");
+        render_accounts(dir, tenants, env);
         self.server.reload();
     }
 
