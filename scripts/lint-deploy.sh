@@ -65,6 +65,9 @@ else
   step "docker compose config: SKIPPED, the docker compose plugin is not installed here (the compose-spec schema check above still ran)"
 fi
 
+step "deploy/nats/accounts.conf is what render-accounts.sh writes for its tenants"
+diff <(bash deploy/nats/render-accounts.sh acme globex) deploy/nats/accounts.conf
+
 nats_server="$cache/bin/nats-server"
 if [ -x "$nats_server" ]; then
   step "nats-server -t deploy/nats/nats.conf"

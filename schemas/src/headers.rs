@@ -122,7 +122,12 @@ mod tests {
         assert_eq!(once, format!("{id}:replay:7"));
         let twice = replay_msg_id(&once, u64::MAX);
         assert_eq!(twice, format!("{id}:replay:{}", u64::MAX));
-        assert_eq!(twice.len(), MAX_MSG_ID_LEN);
+        assert!(twice.len() <= MAX_MSG_ID_LEN);
+        let tagged = format!("{id}~{}", "f".repeat(DEDUP_TAG_LEN - 1));
+        assert!(
+            valid_msg_id(&tagged),
+            "a tagged id of the longest job id fits"
+        );
         assert_eq!(
             replay_msg_id("run:doc:replay:x", 2),
             "run:doc:replay:x:replay:2"
