@@ -203,11 +203,13 @@ pub fn job_id_of(msg_id: &str) -> &str {
     let tag_len = 1 + DEDUP_TAG_HEX;
     if msg_id.len() > tag_len && msg_id.is_char_boundary(msg_id.len() - tag_len) {
         let (id, tag) = msg_id.split_at(msg_id.len() - tag_len);
-        let hex = tag[1..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-        if tag.starts_with(DEDUP_TAG_SEPARATOR) && hex {
-            return id;
+        if let Some(hex) = tag.strip_prefix(DEDUP_TAG_SEPARATOR) {
+            if hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return id;
+            }
         }
     }
     msg_id
@@ -270,6 +272,9 @@ mod tests {
         assert_eq!(job_id_of(&id), "nightly:doc-1");
         assert_eq!(job_id_of("plain-id"), "plain-id");
         assert_eq!(job_id_of("a~not-a-tag"), "a~not-a-tag");
+        // Not a char boundary where a tag would start: left as it is.
+        let odd = format!("\u{10000}{}", "0".repeat(DEDUP_TAG_HEX));
+        assert_eq!(job_id_of(&odd), odd);
     }
 
     #[test]
