@@ -14,7 +14,7 @@
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use jetinfer_schemas::headers;
+use jetinfer_schemas::{escape_within, headers};
 
 use crate::provision::ProvisionError;
 use crate::subjects::{self, DEAD_LETTER_STREAM};
@@ -56,6 +56,8 @@ const OWN_HEADERS: [&str; 10] = [
     PAYLOAD_TRUNCATED,
     HEADERS_TRUNCATED,
 ];
+/// Most characters of an invalid job id kept (escaped) in [`JOB_ID`].
+const SHOWN_ID_CHARS: usize = 64;
 /// How long dead letters are kept.
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
 
@@ -174,12 +176,15 @@ pub fn compose(letter: &DeadLetter<'_>, max_payload: usize) -> Result<Composed, 
     let mut own = HeaderMap::new();
     let mut cut = 0usize;
     if let Some(id) = letter.headers.and_then(|h| h.get(headers::MSG_ID)) {
-        let (id, whole) = bounded(
-            crate::publish::job_id_of(id.as_str()),
-            MAX_COPIED_VALUE_BYTES,
-        );
-        cut += usize::from(!whole);
-        own.insert(JOB_ID, sanitize(id, usize::MAX).as_str());
+        // A job refused for its id keeps the id only escaped and cut short:
+        // an operator's `dlq list` must not print what a publisher chose raw.
+        let id = id.as_str();
+        if headers::valid_msg_id(id) {
+            own.insert(JOB_ID, crate::publish::job_id_of(id));
+        } else {
+            cut += 1;
+            own.insert(JOB_ID, escape_within(id, SHOWN_ID_CHARS).as_str());
+        }
     }
     let (original_subject, whole) = bounded(letter.original_subject, MAX_COPIED_VALUE_BYTES);
     cut += usize::from(!whole);
@@ -608,10 +613,8 @@ mod tests {
         let out = &composed.headers;
         assert_eq!(out.get(REASON).unwrap().as_str(), "invalid_input");
         assert!(out.get(PAYLOAD_TRUNCATED.to_lowercase().as_str()).is_none());
-        assert_eq!(
-            out.get(JOB_ID).unwrap().as_str().len(),
-            MAX_COPIED_VALUE_BYTES
-        );
+        // An invalid id is kept escaped and cut to a few dozen characters.
+        assert!(out.get(JOB_ID).unwrap().as_str().len() <= SHOWN_ID_CHARS + 8);
         let copied: usize = out
             .iter()
             .filter(|(n, _)| {

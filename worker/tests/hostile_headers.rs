@@ -462,9 +462,10 @@ async fn oversized_and_malformed_header_values_are_refused_with_a_short_reason_n
     }
     let error = error_of(&got[""]);
     assert!(
-        error
-            .message
-            .contains("header Nats-Msg-Id is 200 bytes, the limit is 156"),
+        error.message.contains(&format!(
+            "header Nats-Msg-Id is 200 bytes, the limit is {}",
+            jetinfer_schemas::headers::MAX_MSG_ID_LEN
+        )),
         "{:?}",
         error.message
     );
