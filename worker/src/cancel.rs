@@ -8,9 +8,10 @@
 //!
 //! Both maps are bounded, whatever tenants send: a flag exists only while a
 //! job of its run is held (the map keeps weak references and drops dead ones
-//! once it has [`MAX_LIVE_RUNS`]), and at most [`MAX_CANCELLED_RUNS`]
-//! cancelled runs are remembered, oldest forgotten first (the stream keeps
-//! at most `bulk::MAX_CANCELS_PER_TENANT` per tenant in any case).
+//! once it has [`MAX_LIVE_RUNS`]), and each tenant's newest
+//! `bulk::MAX_CANCELS_PER_TENANT` cancelled runs are remembered (as many as
+//! the stream keeps for it), for at most [`MAX_TENANTS`] tenants: one
+//! tenant's flood of notices forgets only its own oldest cancels.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +27,12 @@ use tokio_util::sync::CancellationToken;
 const REWATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Flags of runs with jobs in hand before dead entries are swept out.
 pub const MAX_LIVE_RUNS: usize = 4096;
-/// Cancelled runs remembered.
-pub const MAX_CANCELLED_RUNS: usize = 65_536;
+/// Cancelled runs remembered per tenant: as many as the stream keeps.
+pub const MAX_CANCELLED_RUNS_PER_TENANT: usize =
+    jetinfer_nats::bulk::MAX_CANCELS_PER_TENANT as usize;
+/// Tenants whose cancels are remembered; notices of further tenants are
+/// ignored (tenants come from the server's accounts, far fewer than this).
+pub const MAX_TENANTS: usize = 4096;
 
 type RunKey = (String, String);
 
@@ -42,8 +47,9 @@ pub struct Cancellations {
 struct State {
     live: HashMap<RunKey, Weak<AtomicBool>>,
     cancelled: HashSet<RunKey>,
-    /// `cancelled` in the order the notices came, to forget the oldest.
-    order: VecDeque<RunKey>,
+    /// Each tenant's cancelled runs in the order the notices came, to forget
+    /// its oldest.
+    order: HashMap<String, VecDeque<String>>,
 }
 
 impl Cancellations {
@@ -66,16 +72,24 @@ impl Cancellations {
     /// Records that `run` of `tenant` is cancelled and raises its flag.
     pub fn cancel(&self, tenant: &str, run: &str) {
         let mut state = self.state.lock().expect("cancellations lock");
+        if !state.order.contains_key(tenant) && state.order.len() >= MAX_TENANTS {
+            tracing::warn!(tenant, "cancel notice ignored: too many tenants tracked");
+            return;
+        }
         let key = (tenant.to_string(), run.to_string());
         if let Some(flag) = state.live.get(&key).and_then(Weak::upgrade) {
             flag.store(true, Ordering::Relaxed);
         }
-        if state.cancelled.insert(key.clone()) {
-            state.order.push_back(key);
-            while state.order.len() > MAX_CANCELLED_RUNS {
-                if let Some(oldest) = state.order.pop_front() {
-                    state.cancelled.remove(&oldest);
-                }
+        if state.cancelled.insert(key) {
+            let runs = state.order.entry(tenant.to_string()).or_default();
+            runs.push_back(run.to_string());
+            let forgotten = if runs.len() > MAX_CANCELLED_RUNS_PER_TENANT {
+                runs.pop_front()
+            } else {
+                None
+            };
+            if let Some(oldest) = forgotten {
+                state.cancelled.remove(&(tenant.to_string(), oldest));
             }
         }
     }
@@ -151,16 +165,17 @@ mod tests {
         for i in 0..(3 * MAX_LIVE_RUNS) {
             drop(runs.flag("acme", &format!("r{i}")));
         }
-        for i in 0..(MAX_CANCELLED_RUNS + 100) {
+        runs.cancel("globex", "keep");
+        for i in 0..(MAX_CANCELLED_RUNS_PER_TENANT + 100) {
             runs.cancel("acme", &format!("c{i}"));
         }
         let (live, cancelled) = runs.tracked();
         assert!(live <= MAX_LIVE_RUNS, "{live} flags kept");
-        assert_eq!(cancelled, MAX_CANCELLED_RUNS);
-        // The newest cancels are kept, the oldest forgotten.
-        assert!(runs
-            .flag("acme", &format!("c{}", MAX_CANCELLED_RUNS + 99))
-            .load(Ordering::Relaxed));
+        assert_eq!(cancelled, MAX_CANCELLED_RUNS_PER_TENANT + 1);
+        // acme's newest cancels are kept, its oldest forgotten; globex's kept.
+        let newest = format!("c{}", MAX_CANCELLED_RUNS_PER_TENANT + 99);
+        assert!(runs.flag("acme", &newest).load(Ordering::Relaxed));
+        assert!(runs.flag("globex", "keep").load(Ordering::Relaxed));
         assert!(!runs.flag("acme", "c0").load(Ordering::Relaxed));
     }
 }
