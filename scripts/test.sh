@@ -7,9 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/setup.sh
-bash scripts/deps/monitoring.sh
-bash scripts/deps/chromium.sh   # the loadgen HTML report is checked in headless Chromium
+bash scripts/deps/tests.sh      # nats-server, the model, Prometheus, Alertmanager, Chromium
 bash scripts/deps/cargo-deny.sh # supply-chain check
 
 echo "== promtool, amtool" >&2
