@@ -33,17 +33,6 @@ async fn worker(secured: &Secured, configure: impl FnOnce(&mut WorkerConfig)) ->
     common::start_worker(config, Arc::new(EchoBackend::new(256, Duration::ZERO))).await
 }
 
-async fn client(secured: &Secured, tenant: &str) -> Client {
-    Client::connect(ClientConfig {
-        nats: secured.nats(tenant),
-        tenant: tenant.into(),
-        timeout: PATIENCE,
-        ..ClientConfig::default()
-    })
-    .await
-    .expect("the tenant's producer connects")
-}
-
 /// Messages stored on each subject of `stream` matching `filter`, as the
 /// operator sees them.
 async fn stored(ops: &Observed, stream: &str, filter: &str) -> Vec<(String, usize)> {
@@ -74,8 +63,8 @@ async fn nothing_arrives(sub: &mut async_nats::Subscriber, what: &str) {
 async fn f2_a_pubacks_reply_subject_cannot_reach_another_tenant_or_the_workers() {
     let secured = Secured::start();
     let worker = worker(&secured, |_| {}).await;
-    let globex_client = client(&secured, "globex").await;
-    let _acme_client = client(&secured, "acme").await;
+    let globex_client = secured.client("globex", PATIENCE).await;
+    let _acme_client = secured.client("acme", PATIENCE).await;
     let acme = secured.connect("acme").await;
     let globex = secured.connect("globex").await;
     let ops = secured.connect("ops").await;
@@ -170,7 +159,7 @@ async fn f3_jobs_for_models_no_worker_serves_are_refused_and_never_stored() {
             "fake{n}: {refused:?}"
         );
     }
-    let client = client(&secured, "acme").await;
+    let client = secured.client("acme", PATIENCE).await;
     let err = client
         .submit(Job::new("fake0", vec!["x".into()]))
         .await
@@ -229,7 +218,7 @@ async fn f3_jobs_for_models_no_worker_serves_are_refused_and_never_stored() {
 async fn f4_one_tenants_message_ids_cannot_deduplicate_another_tenants_jobs() {
     let secured = Secured::start();
     let worker = worker(&secured, |_| {}).await;
-    let _acme_client = client(&secured, "acme").await;
+    let _acme_client = secured.client("acme", PATIENCE).await;
     let acme = secured.connect("acme").await;
     let ids: Vec<String> = (1..=3).map(|n| format!("nightly:doc-{n}")).collect();
     for id in &ids {
@@ -247,7 +236,7 @@ async fn f4_one_tenants_message_ids_cannot_deduplicate_another_tenants_jobs() {
         }
     }
 
-    let globex = client(&secured, "globex").await;
+    let globex = secured.client("globex", PATIENCE).await;
     for id in &ids {
         let result = tokio::time::timeout(
             PATIENCE,
@@ -279,7 +268,7 @@ async fn f4_one_tenants_message_ids_cannot_deduplicate_another_tenants_jobs() {
 async fn f8_a_tenant_sees_no_subject_of_another_tenant_or_of_the_workers() {
     let secured = Secured::start();
     let worker = worker(&secured, |_| {}).await;
-    let globex = client(&secured, "globex").await;
+    let globex = secured.client("globex", PATIENCE).await;
     globex
         .submit(Job::new("minilm", vec!["secret".into()]))
         .await
@@ -290,7 +279,7 @@ async fn f8_a_tenant_sees_no_subject_of_another_tenant_or_of_the_workers() {
         .unwrap();
     let kv = jetinfer_nats::bulk::bucket(&globex_js.js).await.unwrap();
     kv.put("run.globex.secretrun", "{}".into()).await.unwrap();
-    let _acme_client = client(&secured, "acme").await;
+    let _acme_client = secured.client("acme", PATIENCE).await;
     let acme = secured.connect("acme").await;
 
     // The workers' streams do not exist for acme, filter or not.
@@ -335,8 +324,8 @@ async fn f9_consumers_a_tenant_makes_stay_in_its_account_and_within_its_limit() 
         &[("JETINFER_TENANT_MAX_CONSUMERS", limit.as_str())],
     );
     let worker = worker(&secured, |_| {}).await;
-    let globex_client = client(&secured, "globex").await;
-    let acme_client = client(&secured, "acme").await;
+    let globex_client = secured.client("globex", PATIENCE).await;
+    let acme_client = secured.client("acme", PATIENCE).await;
     let acme = secured.connect("acme").await;
     let ops = secured.connect("ops").await;
     let results = acme.js.get_stream("JETINFER_RESULTS").await.unwrap();
@@ -417,8 +406,8 @@ async fn f10_a_tenants_storage_is_bounded_and_never_takes_another_tenants() {
         &[("JETINFER_TENANT_MAX_FILE", "1M")],
     );
     let worker = worker(&secured, |c| c.stream.max_dead_letters_per_tenant = LETTERS).await;
-    let globex_client = client(&secured, "globex").await;
-    let _acme_client = client(&secured, "acme").await;
+    let globex_client = secured.client("globex", PATIENCE).await;
+    let _acme_client = secured.client("acme", PATIENCE).await;
     let acme = secured.connect("acme").await;
     let globex = secured.connect("globex").await;
     let ops = secured.connect("ops").await;
@@ -519,7 +508,7 @@ async fn publish_bad(conn: &Observed, tenant: &str, id: &str) {
 async fn tenants_are_added_and_removed_by_a_reload_while_workers_keep_serving() {
     let secured = Secured::start_rendered(&["acme", "globex"], &["initech"], &[]);
     let worker = worker(&secured, |_| {}).await;
-    let acme = client(&secured, "acme").await;
+    let acme = secured.client("acme", PATIENCE).await;
     assert!(
         jetinfer_nats::connect(&secured.nats("initech"))
             .await

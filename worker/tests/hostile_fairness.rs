@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use jetinfer_producer::{Client, ClientConfig, SubmitError};
+use jetinfer_producer::{Client, SubmitError};
 use jetinfer_schemas::{ErrorCode, Job};
 use jetinfer_worker::config::{BackendKind, BatchConfig, TenantRate, WorkerConfig};
 use jetinfer_worker::Worker;
@@ -25,17 +25,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 const ECHO_DELAY_PER_TOKEN_US: u64 = 20;
 /// Inputs of one of acme's jobs: the most a job may carry.
 const FLOOD_INPUTS: usize = 256;
-
-async fn tenant_client(secured: &Secured, tenant: &str) -> Client {
-    Client::connect(ClientConfig {
-        nats: secured.nats(tenant),
-        tenant: tenant.into(),
-        timeout: PATIENCE,
-        ..ClientConfig::default()
-    })
-    .await
-    .expect("the tenant's client connects")
-}
 
 fn worker_config(secured: &Secured) -> WorkerConfig {
     let mut config = secured.worker_config(BackendKind::Echo, BatchConfig::default());
@@ -166,8 +155,8 @@ async fn f7_a_tenant_flooding_with_costly_jobs_barely_moves_another_tenants_late
         },
     );
     let worker = start_worker(config).await;
-    let calm = tenant_client(&secured, "globex").await;
-    let acme = tenant_client(&secured, "acme").await;
+    let calm = secured.client("globex", PATIENCE).await;
+    let acme = secured.client("acme", PATIENCE).await;
     // Warm both clients and the worker.
     calm_run(&calm, CALM_USERS, 1, Duration::ZERO).await;
     let warm = acme.submit(costly_job(1, 1, "warm")).await.unwrap();
@@ -286,8 +275,8 @@ async fn f7_a_tenant_at_its_held_jobs_cap_is_told_to_wait_while_another_tenant_i
         },
     );
     let worker = start_worker(config).await;
-    let acme = tenant_client(&secured, "acme").await;
-    let globex = tenant_client(&secured, "globex").await;
+    let acme = secured.client("acme", PATIENCE).await;
+    let globex = secured.client("globex", PATIENCE).await;
 
     let flood: Vec<_> = (0..FLOOD)
         .map(|i| {

@@ -598,6 +598,22 @@ async fn submit_lines(
     outcome.map(|()| stats)
 }
 
+impl Context {
+    /// A job that will get no result (never stored): its key leaves the
+    /// in-flight set and its permit goes back.
+    fn never_answered(&self, key: u64) {
+        if self
+            .shared
+            .lock()
+            .expect("shared lock")
+            .in_flight
+            .remove(&key)
+        {
+            self.permits.add_permits(1);
+        }
+    }
+}
+
 /// What became of one line's job.
 enum Published {
     /// JetStream holds it; `duplicate` when it already did.
@@ -648,15 +664,7 @@ async fn publish(
                 })
             }
             Err(PublishJobError::NoStream) => {
-                if context
-                    .shared
-                    .lock()
-                    .expect("shared lock")
-                    .in_flight
-                    .remove(&key)
-                {
-                    context.permits.add_permits(1);
-                }
+                context.never_answered(key);
                 return Ok(Published::NotServed {
                     line,
                     custom_id,
@@ -669,15 +677,7 @@ async fn publish(
                 delay = (delay * 2).min(RETRY_MAX);
             }
             Err(source) => {
-                if context
-                    .shared
-                    .lock()
-                    .expect("shared lock")
-                    .in_flight
-                    .remove(&key)
-                {
-                    context.permits.add_permits(1);
-                }
+                context.never_answered(key);
                 return Err(BulkError::Publish { custom_id, source });
             }
         }

@@ -249,6 +249,18 @@ impl Secured {
         config
     }
 
+    /// A producer `Client` of `tenant`, waiting at most `timeout` per job.
+    pub async fn client(&self, tenant: &str, timeout: Duration) -> jetinfer_producer::Client {
+        jetinfer_producer::Client::connect(jetinfer_producer::ClientConfig {
+            nats: self.nats(tenant),
+            tenant: tenant.into(),
+            timeout,
+            ..jetinfer_producer::ClientConfig::default()
+        })
+        .await
+        .expect("the tenant's producer connects")
+    }
+
     /// Makes what `tenant`'s producers need on the server before its first
     /// job, the way its own producer does (a `Client` connecting).
     pub async fn provision_tenant(&self, tenant: &str) {
