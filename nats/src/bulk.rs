@@ -36,7 +36,7 @@ pub enum BulkStoreError {
     #[error(transparent)]
     Subject(#[from] SubjectError),
     #[error(
-        "no {BULK_BUCKET} bucket on this server: start a worker (it provisions the bucket) first"
+        "no {BULK_BUCKET} bucket for this account: no bulk run was submitted here yet (`jetinfer bulk submit` makes it)"
     )]
     NoBucket,
     #[error("bulk bucket: {0}")]
