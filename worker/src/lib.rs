@@ -44,6 +44,7 @@ pub mod logging;
 pub mod publish;
 pub mod queue_depth;
 pub mod rate_limit;
+pub mod settle;
 pub mod supervise;
 
 use std::sync::Arc;
@@ -58,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use backend::{candle::CandleBackend, echo::EchoBackend, Backend, BackendError};
 use config::{BackendKind, ModelConfig, WorkerConfig};
 use job::Ledger;
-use publish::Settler;
+use settle::Settler;
 use supervise::{Failure, Stage, Supervisor};
 
 /// Jobs admitted but not yet taken by the batcher, which takes them as they
