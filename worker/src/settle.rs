@@ -48,6 +48,22 @@ use crate::job::{InFlightJob, Ledger};
 /// A job message as JetStream delivered it. Anyone may read it; only this
 /// module reaches the message, so only the [`Settler`] acks, NAKs or
 /// terminates it.
+///
+/// Other code reads a delivery:
+///
+/// ```no_run
+/// fn job_subject(delivery: &jetinfer_worker::settle::Delivery) -> &str {
+///     delivery.subject()
+/// }
+/// ```
+///
+/// and cannot reach the message to settle it (the field is private):
+///
+/// ```compile_fail,E0616
+/// async fn ack_behind_the_settlers_back(delivery: &jetinfer_worker::settle::Delivery) {
+///     let _ = delivery.message.ack().await;
+/// }
+/// ```
 pub struct Delivery {
     message: Message,
 }
