@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::BatchConfig;
+use crate::job::InFlightJob;
 
 /// How many of each tenant's oldest inputs, in batches' worth
 /// (`max_inputs`), are candidates for the next batch. It bounds the work of
@@ -37,6 +38,16 @@ pub trait BatchJob: Send + Sync + 'static {
     fn input_lens(&self) -> Vec<usize>;
     /// Whose job it is: batches are shared fairly between tenants.
     fn tenant(&self) -> &str;
+}
+
+impl BatchJob for InFlightJob {
+    fn input_lens(&self) -> Vec<usize> {
+        self.tokens.iter().map(|t| t.ids.len()).collect()
+    }
+
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
 }
 
 /// One input of one job, waiting for a batch.

@@ -19,13 +19,12 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
-use async_nats::jetstream::Message;
 use async_nats::HeaderMap;
 use jetinfer_nats::subjects::{self, ReplyPolicy};
 use jetinfer_schemas::headers;
 use tokio_util::sync::CancellationToken;
 
-use crate::publish::{Held, Settler};
+use crate::settle::{Delivery, Held, Settler};
 
 /// Time between sweeps. Jobs past their deliveries are found by intake;
 /// the sweep is for the ones JetStream no longer delivers, which only
@@ -36,12 +35,12 @@ pub const SWEEP_MAX_JOBS: usize = 256;
 
 /// Buries a job that arrived past its last delivery, without running it: an
 /// error reply only where `reply` allows the job's reply subject.
-pub async fn bury_arrived(settler: &Settler, message: &Message, reply: &ReplyPolicy) {
-    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-    let (reply_to, job_id) = reply_and_id(&message.subject, message.headers.as_ref(), reply);
+pub async fn bury_arrived(settler: &Settler, delivery: &Delivery, reply: &ReplyPolicy) {
+    let delivered = delivery.delivered();
+    let (reply_to, job_id) = reply_and_id(delivery.subject(), delivery.headers(), reply);
     settler
         .exhausted(
-            Held::Delivered(message),
+            Held::Delivered(delivery),
             reply_to.as_deref(),
             &job_id,
             // The deliveries it had, not counting this one that buries it.

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use jetinfer_nats::publish::valid_traceparent;
@@ -27,9 +26,9 @@ use std::sync::atomic::AtomicBool;
 use crate::backend::{Backend, Tokens};
 use crate::cancel::{cancelled_error, Cancellations};
 use crate::config::PullConfig;
-use crate::job::{expired, InFlightJob};
-use crate::publish::{deadline_error, Settler};
+use crate::job::{deadline_error, expired, InFlightJob};
 use crate::rate_limit::TenantLimits;
+use crate::settle::{Delivery, Settler};
 
 /// Pause before pulling again after a pull failed (e.g. while the server
 /// restarts).
@@ -82,8 +81,9 @@ impl Intake {
                 }
             };
             while let Some(next) = messages.next().await {
-                let message = match next {
-                    Ok(message) => message,
+                // From here on only the Settler can ack, NAK or term it.
+                let delivery = match next {
+                    Ok(message) => Delivery::new(message),
                     Err(err) => {
                         tracing::warn!(error = %Untrusted(&err), "pull interrupted; pulling again");
                         tokio::time::sleep(REPULL_DELAY).await;
@@ -91,14 +91,12 @@ impl Intake {
                     }
                 };
                 if shutdown.is_cancelled() || downstream_gone {
-                    if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                        tracing::warn!(error = %Untrusted(&err), "handing back a job failed; it returns after ack_wait");
-                    }
+                    self.settler.hand_back_unread(delivery).await;
                     continue;
                 }
-                let headers = JobHeaders::read(message.headers.as_ref());
+                let headers = JobHeaders::read(delivery.headers());
                 let span = job_span(&headers);
-                if let Some(job) = self.admit(message, headers).instrument(span.clone()).await {
+                if let Some(job) = self.admit(delivery, headers).instrument(span.clone()).await {
                     let job = Arc::new(job.with_span(span));
                     self.settler.admitted(&job);
                     if jobs.send(job).await.is_err() {
@@ -110,11 +108,11 @@ impl Intake {
     }
 
     /// Turns a message into an admitted job, or settles it and returns `None`.
-    async fn admit(&self, message: Message, headers: JobHeaders) -> Option<InFlightJob> {
-        let delivery = message.info().map(|i| i.delivered).unwrap_or(1);
-        jetinfer_monitoring::job_received(&self.model, delivery);
-        if self.settler.past_last_delivery(delivery) {
-            crate::exhausted::bury_arrived(&self.settler, &message, &self.reply).await;
+    async fn admit(&self, delivery: Delivery, headers: JobHeaders) -> Option<InFlightJob> {
+        let delivered = delivery.delivered();
+        jetinfer_monitoring::job_received(&self.model, delivered);
+        if self.settler.past_last_delivery(delivered) {
+            crate::exhausted::bury_arrived(&self.settler, &delivery, &self.reply).await;
             return None;
         }
         let rules = Rules {
@@ -123,16 +121,16 @@ impl Intake {
             reply: &self.reply,
         };
         let screened = match screen(
-            &message.subject,
+            delivery.subject(),
             &headers,
-            &message.payload,
+            delivery.payload(),
             &rules,
             OffsetDateTime::now_utc(),
         ) {
             Ok(screened) => screened,
             Err(Refusal::ForbiddenReply(why)) => {
                 self.settler
-                    .forbid_reply(&message, &headers.msg_id, &why)
+                    .forbid_reply(&delivery, &headers.msg_id, &why)
                     .await;
                 return None;
             }
@@ -144,7 +142,7 @@ impl Intake {
                 // An expired job is late, not poison: no dead letter.
                 let keep = error.code != ErrorCode::DeadlineExceeded;
                 self.settler
-                    .give_up(&message, reply_to.as_deref(), &job_id, error, keep)
+                    .give_up(&delivery, reply_to.as_deref(), &job_id, error, keep)
                     .await;
                 return None;
             }
@@ -154,12 +152,18 @@ impl Intake {
             reply_to,
             tenant,
         } = screened;
-        let cancel_flag = self.cancel_flag(&message.subject, headers.bulk_run.as_deref());
+        let cancel_flag = self.cancel_flag(delivery.subject(), headers.bulk_run.as_deref());
         if crate::cancel::is_cancelled(&cancel_flag) {
             // Answered, not poison: no dead letter. Before the rate limit,
             // so a cancelled run costs its tenant none of its rate.
             self.settler
-                .give_up(&message, Some(&reply_to), &job.id, cancelled_error(), false)
+                .give_up(
+                    &delivery,
+                    Some(&reply_to),
+                    &job.id,
+                    cancelled_error(),
+                    false,
+                )
                 .await;
             return None;
         }
@@ -173,7 +177,7 @@ impl Intake {
         if let Err(refused) = admitted {
             self.settler
                 .give_up(
-                    &message,
+                    &delivery,
                     Some(&reply_to),
                     &job.id,
                     refused.error(&tenant),
@@ -182,7 +186,7 @@ impl Intake {
                 .await;
             return None;
         }
-        let (key, delivered, published) = match message.info() {
+        let (key, delivered, published) = match delivery.info() {
             Ok(info) => (info.stream_sequence, info.delivered, info.published),
             Err(_) => (0, 1, OffsetDateTime::now_utc()),
         };
@@ -191,7 +195,7 @@ impl Intake {
             Ok(tokens) => tokens,
             Err(error) => {
                 self.settler
-                    .give_up(&message, Some(&reply_to), &job.id, error, true)
+                    .give_up(&delivery, Some(&reply_to), &job.id, error, true)
                     .await;
                 return None;
             }
@@ -200,7 +204,7 @@ impl Intake {
         if let Err(refused) = self.rates.check_tokens(&tenant, cost) {
             self.settler
                 .give_up(
-                    &message,
+                    &delivery,
                     Some(&reply_to),
                     &job.id,
                     refused.error(&tenant),
@@ -217,7 +221,7 @@ impl Intake {
                 job.options,
                 job.deadline_unix_ms,
                 reply_to,
-                message,
+                delivery,
                 published,
                 tokens,
             )

@@ -1,4 +1,5 @@
-//! A job in flight through the worker: its message (to ack), where to reply,
+//! A job in flight through the worker: its delivery (which only
+//! [`crate::settle`] can ack), where to reply,
 //! its tokenised inputs, and the embeddings assembled as its inputs come back
 //! from batches, possibly several, possibly shared with other jobs.
 
@@ -7,12 +8,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::Message;
-use jetinfer_schemas::{Embeddings, JobError, JobOptions, ModelInfo, Timings};
+use jetinfer_schemas::{Embeddings, ErrorCode, JobError, JobOptions, ModelInfo, Timings};
 use time::OffsetDateTime;
 
 use crate::backend::{l2_normalize, Tokens};
-use crate::batch::BatchJob;
+use crate::settle::Delivery;
 
 pub struct InFlightJob {
     /// The job's stream sequence: unique while it is in the stream.
@@ -23,7 +23,9 @@ pub struct InFlightJob {
     pub options: JobOptions,
     pub deadline_unix_ms: Option<u64>,
     pub reply_to: String,
-    pub message: Message,
+    /// The message JetStream delivered: readable here, settled only by
+    /// [`crate::settle::Settler`].
+    delivery: Delivery,
     /// When JetStream stored the job.
     pub published: OffsetDateTime,
     pub tokens: Vec<Tokens>,
@@ -67,7 +69,7 @@ impl InFlightJob {
         options: JobOptions,
         deadline_unix_ms: Option<u64>,
         reply_to: String,
-        message: Message,
+        delivery: Delivery,
         published: OffsetDateTime,
         tokens: Vec<Tokens>,
     ) -> Self {
@@ -83,7 +85,7 @@ impl InFlightJob {
             options,
             deadline_unix_ms,
             reply_to,
-            message,
+            delivery,
             published,
             tokens,
             span: tracing::Span::none(),
@@ -91,6 +93,11 @@ impl InFlightJob {
             tenant: String::new(),
             assembly: Mutex::new(assembly),
         }
+    }
+
+    /// The delivery the job came in: what the Settler settles.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
     }
 
     /// The job with `span` as the span its later log lines belong to.
@@ -117,7 +124,7 @@ impl InFlightJob {
         if crate::cancel::is_cancelled(&self.cancelled) {
             Some(crate::cancel::cancelled_error())
         } else if self.expired(now) {
-            Some(crate::publish::deadline_error())
+            Some(deadline_error())
         } else {
             None
         }
@@ -185,18 +192,16 @@ pub fn expired(deadline_unix_ms: Option<u64>, now: OffsetDateTime) -> bool {
     deadline_unix_ms.is_some_and(|d| i128::from(d) < now_ms)
 }
 
-fn micros(d: Duration) -> u64 {
-    d.as_micros().try_into().unwrap_or(u64::MAX)
+/// The error a job whose deadline passed is answered with.
+pub fn deadline_error() -> JobError {
+    JobError::new(
+        ErrorCode::DeadlineExceeded,
+        "the job's deadline passed before it could be answered",
+    )
 }
 
-impl BatchJob for InFlightJob {
-    fn input_lens(&self) -> Vec<usize> {
-        self.tokens.iter().map(|t| t.ids.len()).collect()
-    }
-
-    fn tenant(&self) -> &str {
-        &self.tenant
-    }
+fn micros(d: Duration) -> u64 {
+    d.as_micros().try_into().unwrap_or(u64::MAX)
 }
 
 /// Every job the worker holds and has not settled (acked, NAKed or

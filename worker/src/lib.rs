@@ -6,10 +6,16 @@
 //! 2. [`batch`]: form batches across jobs (inputs, padded tokens, max wait),
 //!    shared fairly between tenants;
 //! 3. [`infer`]: run each batch through the [`backend::Backend`] on its own thread;
-//! 4. [`publish`]: reply on each job's reply subject, flush, then ack.
+//! 4. [`publish`]: hand each finished job to the [`settle::Settler`]: reply on
+//!    its reply subject, flush, then ack.
 //!
-//! Every job ends settled through [`publish::Settler`]: answered and acked,
+//! A stage imports the stages before it and the shared modules below them
+//! all ([`job`], [`settle`], [`config`], [`backend`]), never a later stage.
+//!
+//! Every job ends settled through [`settle::Settler`]: answered and acked,
 //! NAKed for a retry, or given up (error reply, dead letter, terminated).
+//! Intake wraps each pulled message in a [`settle::Delivery`] at once, whose
+//! message only [`settle`] can reach: no other module can ack, NAK or term.
 //! [`exhausted`]: jobs that had all their deliveries (`max_deliver`) are
 //! buried by the Settler and intake, and a sweep buries the ones JetStream
 //! itself stopped delivering.
@@ -44,6 +50,7 @@ pub mod logging;
 pub mod publish;
 pub mod queue_depth;
 pub mod rate_limit;
+pub mod settle;
 pub mod supervise;
 
 use std::sync::Arc;
@@ -58,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use backend::{candle::CandleBackend, echo::EchoBackend, Backend, BackendError};
 use config::{BackendKind, ModelConfig, WorkerConfig};
 use job::Ledger;
-use publish::Settler;
+use settle::Settler;
 use supervise::{Failure, Stage, Supervisor};
 
 /// Jobs admitted but not yet taken by the batcher, which takes them as they

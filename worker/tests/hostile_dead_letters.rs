@@ -27,7 +27,7 @@ use jetinfer_worker::backend::echo::EchoBackend;
 use jetinfer_worker::config::{BackendKind, BatchConfig, ReplyConfig, WorkerConfig};
 use jetinfer_worker::exhausted::Sweep;
 use jetinfer_worker::job::Ledger;
-use jetinfer_worker::publish::Settler;
+use jetinfer_worker::settle::Settler;
 use sha2::Digest;
 
 use common::secured::Secured;
