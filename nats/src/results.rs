@@ -172,26 +172,59 @@ pub async fn follow(
     js: &jetstream::Context,
     inbox: &str,
 ) -> Result<(u64, consumer::pull::Ordered), String> {
-    let stream = js
-        .get_stream(RESULTS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Named, as in `since`, so the filter is in the create request's subject
-    // where the server's permissions can confine it.
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            name: Some(consumer_name(js, "follow")),
-            filter_subject: inbox.to_string(),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let consumer = ordered(js, inbox, 0).await?;
     let stored = consumer
+        .clone()
         .info()
         .await
         .map_err(|e| e.to_string())?
         .num_pending;
     let messages = consumer.messages().await.map_err(|e| e.to_string())?;
     Ok((stored, messages))
+}
+
+/// Every result stored on `inbox` after stream sequence `after` (all of them
+/// when `after` is 0), then each new one as it is stored, through an ordered
+/// consumer. The ordered consumer resumes by sequence on its own after a
+/// missed heartbeat or a lost consumer; a reader whose stream ended with an
+/// error calls this again with the last sequence it saw, so nothing between
+/// is skipped and nothing depends on a delay.
+pub async fn follow_after(
+    js: &jetstream::Context,
+    inbox: &str,
+    after: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    ordered(js, inbox, after)
+        .await?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn ordered(
+    js: &jetstream::Context,
+    inbox: &str,
+    after: u64,
+) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, String> {
+    let stream = js
+        .get_stream(RESULTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deliver_policy = match after {
+        0 => consumer::DeliverPolicy::All,
+        seq => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+    };
+    // Named, as in `since`, so the filter is in the create request's subject
+    // where the server's permissions can confine it.
+    stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            name: Some(consumer_name(js, "follow")),
+            filter_subject: inbox.to_string(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
 }
