@@ -1,10 +1,11 @@
 //! Durable results. Workers publish each result through JetStream into the
 //! `JETINFER_RESULTS` stream (subjects `results.>`) and ack the job only once
-//! JetStream has stored the result. Producers still receive results live on
-//! their inbox, since a stream does not hide a subject from plain subscribers;
-//! the stream is what lets a producer that was disconnected (its own network,
-//! or a server restart) catch up on results published meanwhile, instead of
-//! waiting for ever for a job that was answered and acked.
+//! JetStream has stored the result. A producer reads its inbox from the
+//! stream ([`follow_after`], an ordered consumer), so one that was
+//! disconnected (its own network, or a server restart) resumes after the
+//! last stream sequence it saw instead of waiting for ever for a job that was
+//! answered and acked. A plain subscriber on an inbox still gets results live,
+//! since a stream does not hide a subject from plain subscribers.
 
 use std::time::Duration;
 
