@@ -148,16 +148,30 @@ const RESUME_FOR: Duration = Duration::from_secs(120);
 /// stored while the client was away is therefore delivered on its return,
 /// exactly once per stream sequence, with no timing guess. A second result
 /// for one job (a job computed twice) finds no waiter and is dropped.
+///
+/// A plain subscription on the inbox runs alongside: a worker whose result
+/// publish found no stream answering (JetStream's "no responders", which a
+/// stream leader election can also cause) falls back to a plain publish,
+/// delivered live or not at all, and acks the job; that result is never in
+/// the stream. Each stored result thus arrives twice; the second is dropped.
 async fn dispatch(
     js: jetstream::Context,
     inbox: String,
     mut results: jetstream::consumer::pull::Ordered,
+    mut live: async_nats::Subscriber,
     routes: Pending,
 ) {
     let mut seen = 0;
     loop {
         loop {
-            match results.next().await {
+            let message = tokio::select! {
+                message = results.next() => message,
+                Some(message) = live.next() => {
+                    route(&routes, &message.payload);
+                    continue;
+                }
+            };
+            match message {
                 Some(Ok(message)) => {
                     if let Ok(info) = message.info() {
                         seen = info.stream_sequence;
@@ -243,6 +257,7 @@ impl Client {
         jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
         // Made before any job names the inbox, and from its first result:
         // the inbox is fresh, so nothing is missed and nothing old is read.
+        let live = nats.subscribe(inbox.clone()).await?;
         let results = jetinfer_nats::results::follow_after(&js, &inbox, 0)
             .await
             .map_err(SubmitError::Results)?;
@@ -250,6 +265,7 @@ impl Client {
             js.clone(),
             inbox.clone(),
             results,
+            live,
             Arc::clone(&pending),
         ));
         Ok(Self {
