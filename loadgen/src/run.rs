@@ -56,6 +56,7 @@ pub fn error_kind(err: &SubmitError) -> &'static str {
         SubmitError::Connect(_) => "connect",
         SubmitError::Subscribe(_) => "subscribe",
         SubmitError::Provision(_) => "provision",
+        SubmitError::Results(_) => "results",
     }
 }
 

@@ -1,10 +1,11 @@
 //! Durable results. Workers publish each result through JetStream into the
 //! `JETINFER_RESULTS` stream (subjects `results.>`) and ack the job only once
-//! JetStream has stored the result. Producers still receive results live on
-//! their inbox, since a stream does not hide a subject from plain subscribers;
-//! the stream is what lets a producer that was disconnected (its own network,
-//! or a server restart) catch up on results published meanwhile, instead of
-//! waiting for ever for a job that was answered and acked.
+//! JetStream has stored the result. A producer reads its inbox from the
+//! stream ([`follow_after`], an ordered consumer), so one that was
+//! disconnected (its own network, or a server restart) resumes after the
+//! last stream sequence it saw instead of waiting for ever for a job that was
+//! answered and acked. A plain subscriber on an inbox still gets results live,
+//! since a stream does not hide a subject from plain subscribers.
 
 use std::time::Duration;
 
@@ -91,12 +92,21 @@ pub async fn publish(
         subject: reply_to.to_string(),
         message,
     };
-    match js.publish(reply_to.to_string(), payload.clone()).await {
+    // A result on `results.>` belongs in a results stream: "no responders"
+    // there means the stream cannot take it now (a leader election, a
+    // tenant's stream being made), not that nobody keeps results, so it is a
+    // failure to retry. Acking the job after a plain publish instead would
+    // lose the result for a client that was away.
+    let must_store = reply_to.starts_with(&format!("{}.", subjects::RESULTS_PREFIX));
+    if !must_store {
+        return plain(client, reply_to, payload).await.map_err(failed);
+    }
+    match js.publish(reply_to.to_string(), payload).await {
         Ok(ack) => match ack.await {
             Ok(_) => Ok(()),
-            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
-                plain(client, reply_to, payload).await.map_err(failed)
-            }
+            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => Err(failed(
+                "no results stream took it (a leader election, or the tenant's stream is missing): retried later".into(),
+            )),
             Err(err) => Err(failed(err.to_string())),
         },
         Err(err) => Err(failed(err.to_string())),
@@ -172,26 +182,59 @@ pub async fn follow(
     js: &jetstream::Context,
     inbox: &str,
 ) -> Result<(u64, consumer::pull::Ordered), String> {
-    let stream = js
-        .get_stream(RESULTS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Named, as in `since`, so the filter is in the create request's subject
-    // where the server's permissions can confine it.
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            name: Some(consumer_name(js, "follow")),
-            filter_subject: inbox.to_string(),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let consumer = ordered(js, inbox, 0).await?;
     let stored = consumer
+        .clone()
         .info()
         .await
         .map_err(|e| e.to_string())?
         .num_pending;
     let messages = consumer.messages().await.map_err(|e| e.to_string())?;
     Ok((stored, messages))
+}
+
+/// Every result stored on `inbox` after stream sequence `after` (all of them
+/// when `after` is 0), then each new one as it is stored, through an ordered
+/// consumer. The ordered consumer resumes by sequence on its own after a
+/// missed heartbeat or a lost consumer; a reader whose stream ended with an
+/// error calls this again with the last sequence it saw, so nothing between
+/// is skipped and nothing depends on a delay.
+pub async fn follow_after(
+    js: &jetstream::Context,
+    inbox: &str,
+    after: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    ordered(js, inbox, after)
+        .await?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn ordered(
+    js: &jetstream::Context,
+    inbox: &str,
+    after: u64,
+) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, String> {
+    let stream = js
+        .get_stream(RESULTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deliver_policy = match after {
+        0 => consumer::DeliverPolicy::All,
+        seq => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+    };
+    // Named, as in `since`, so the filter is in the create request's subject
+    // where the server's permissions can confine it.
+    stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            name: Some(consumer_name(js, "follow")),
+            filter_subject: inbox.to_string(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
 }

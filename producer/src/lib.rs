@@ -7,10 +7,11 @@
 //! result for a job nobody waits for (a late or duplicate one) is dropped, so
 //! a caller never sees two results for one job.
 //!
-//! Results are also kept in JetStream's results stream: after the client's
-//! connection comes back (its network dropped, or the server restarted), it
-//! reads the results published to its inbox while it was away, so an answered
-//! job is never waited on for ever. Where the tenant has a NATS account of its
+//! Results are kept in JetStream's results stream and the client reads its
+//! inbox from there, through an ordered consumer: after its connection comes
+//! back (its network dropped, or the server restarted) it resumes after the
+//! last stream sequence it saw, so a job answered while it was away is never
+//! waited on for ever. Where the tenant has a NATS account of its
 //! own (`deploy/nats/accounts.conf`), that stream lives in it and the client
 //! makes it at connect when it is missing.
 //!
@@ -101,6 +102,8 @@ pub enum SubmitError {
     Timeout { job_id: JobId, after: Duration },
     #[error("subscribing to the result inbox: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("reading this client's results from the results stream: {0}")]
+    Results(String),
     #[error("the client's connection closed")]
     Closed,
 }
@@ -131,62 +134,75 @@ impl From<PublishJobError> for SubmitError {
 
 type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
 
-/// Results are read back from a little before the disconnect was noticed.
-const CATCH_UP_MARGIN: time::Duration = time::Duration::seconds(10);
+/// How long re-opening the results consumer keeps retrying in one go (while
+/// JetStream elects leaders after a server loss) before it logs and starts
+/// again: as long as a waiting job would wait by default.
+const RESUME_FOR: Duration = Duration::from_secs(120);
 
-/// How long a catch-up keeps retrying while JetStream elects leaders after
-/// a server loss: as long as a waiting job would wait by default.
-const CATCH_UP_FOR: Duration = Duration::from_secs(120);
-
-/// After the first read, the catch-up reads once more this much later: a
-/// result stored after that read but before the new subscription's interest
-/// reached the worker's server went to nobody.
-const CATCH_UP_SETTLE: Duration = Duration::from_secs(2);
-
-/// Routes every result stored for `inbox` since `since`: those published
-/// while the connection was down never reached the live subscription.
+/// Routes every result stored for `inbox` to its waiter, for as long as the
+/// client lives. Results are read through an ordered consumer on the results
+/// stream, not a plain subscription: each carries its stream sequence, the
+/// consumer resumes after the last one it delivered when a heartbeat is
+/// missed or the connection comes back, and if its stream ends with an error
+/// a new one is opened after `seen`, the last sequence routed. A result
+/// stored while the client was away is therefore delivered on its return,
+/// exactly once per stream sequence, with no timing guess. A second result
+/// for one job (a job computed twice) finds no waiter and is dropped.
 ///
-/// Runs as its own task: right after a server loss the JetStream API may not
-/// answer for seconds (a new meta leader), so reading is retried, and live
-/// results keep flowing meanwhile. Results routed twice are harmless: the
-/// second finds no waiter.
-async fn catch_up_results(
+/// A plain subscription on the inbox runs alongside: a worker whose result
+/// publish found no stream answering (JetStream's "no responders", which a
+/// stream leader election can also cause) falls back to a plain publish,
+/// delivered live or not at all, and acks the job; that result is never in
+/// the stream. Each stored result thus arrives twice; the second is dropped.
+async fn dispatch(
     js: jetstream::Context,
     inbox: String,
-    since: time::OffsetDateTime,
+    mut results: jetstream::consumer::pull::Ordered,
+    mut live: async_nats::Subscriber,
     routes: Pending,
 ) {
-    let read = || jetinfer_nats::results::since(&js, &inbox, since);
-    for pass in 0..2 {
-        if pass > 0 {
-            tokio::time::sleep(CATCH_UP_SETTLE).await;
+    let mut seen = 0;
+    loop {
+        loop {
+            let message = tokio::select! {
+                message = results.next() => message,
+                Some(message) = live.next() => {
+                    route(&routes, &message.payload);
+                    continue;
+                }
+            };
+            match message {
+                Some(Ok(message)) => {
+                    if let Ok(info) = message.info() {
+                        seen = info.stream_sequence;
+                    }
+                    route(&routes, &message.payload);
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, after = seen, "results consumer failed; resuming by sequence");
+                    break;
+                }
+                // The connection is closed for good.
+                None => return,
+            }
         }
-        let missed = read
+        let resume = || jetinfer_nats::results::follow_after(&js, &inbox, seen);
+        match resume
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(250))
                     .with_max_delay(Duration::from_secs(5))
-                    .with_total_delay(Some(CATCH_UP_FOR))
+                    .with_total_delay(Some(RESUME_FOR))
                     .without_max_times(),
             )
             .notify(|err, after| {
-                tracing::debug!(error = %err, retry_in = ?after, "catching up on results: JetStream not answering yet");
+                tracing::debug!(error = %err, retry_in = ?after, "resuming results: JetStream not answering yet");
             })
-            .await;
-        match missed {
-            Ok(missed) => {
-                tracing::info!(
-                    results = missed.len(),
-                    pass,
-                    "reconnected; caught up on results"
-                );
-                for payload in missed {
-                    route(&routes, &payload);
-                }
-            }
+            .await
+        {
+            Ok(next) => results = next,
             Err(err) => {
-                tracing::warn!(error = %err, "catching up on results failed");
-                return;
+                tracing::warn!(error = %err, after = seen, "resuming results failed; trying again");
             }
         }
     }
@@ -234,45 +250,24 @@ impl Drop for Inner {
 impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self, SubmitError> {
         let tenant = Tenant::new(config.tenant.clone())?;
-        let (events, mut connection) = tokio::sync::mpsc::unbounded_channel();
-        let nats = jetinfer_nats::connect_with_events(&config.nats, move |event| {
-            let _ = events.send(event);
-        })
-        .await?;
+        let nats = jetinfer_nats::connect(&config.nats).await?;
         let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
-        let mut results = nats.subscribe(inbox.clone()).await?;
         let pending: Pending = Arc::default();
-        let routes = Arc::clone(&pending);
         let js = jetstream::new(nats.clone());
         jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
-        let catch_up = (js.clone(), inbox.clone());
-        let dispatcher = tokio::spawn(async move {
-            let mut away_since = None;
-            loop {
-                tokio::select! {
-                    message = results.next() => match message {
-                        Some(message) => route(&routes, &message.payload),
-                        None => return,
-                    },
-                    Some(event) = connection.recv() => match event {
-                        async_nats::Event::Disconnected => {
-                            away_since.get_or_insert(time::OffsetDateTime::now_utc());
-                        }
-                        async_nats::Event::Connected => {
-                            if let Some(since) = away_since.take() {
-                                tokio::spawn(catch_up_results(
-                                    catch_up.0.clone(),
-                                    catch_up.1.clone(),
-                                    since - CATCH_UP_MARGIN,
-                                    Arc::clone(&routes),
-                                ));
-                            }
-                        }
-                        _ => {}
-                    },
-                }
-            }
-        });
+        // Made before any job names the inbox, and from its first result:
+        // the inbox is fresh, so nothing is missed and nothing old is read.
+        let live = nats.subscribe(inbox.clone()).await?;
+        let results = jetinfer_nats::results::follow_after(&js, &inbox, 0)
+            .await
+            .map_err(SubmitError::Results)?;
+        let dispatcher = tokio::spawn(dispatch(
+            js.clone(),
+            inbox.clone(),
+            results,
+            live,
+            Arc::clone(&pending),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 js,

@@ -3,8 +3,13 @@
 //! `JETINFER_FAULT_JOBS` (or run `scripts/faults.sh`) for the larger runs.
 //!
 //! Each test prints a line with its figures: jobs, faults injected, lost,
-//! computed twice (results seen twice on the wire), answered twice at the
-//! client (always 0: the client drops duplicates).
+//! computed twice (results seen twice on the wire, where a test listens
+//! there), `answered_twice_at_client` (job ids the caller got more than one
+//! outcome for, counted from what `submit_many` handed back; asserted 0) and
+//! `results_stored_twice` (job ids with more than one result stored on the
+//! client's inbox in the results stream, read back after the run: the
+//! client reads its results from there, so these reached it twice and it
+//! dropped the second; allowed).
 
 mod common;
 
@@ -162,14 +167,17 @@ async fn patient_client(server: &NatsServer) -> Client {
     .unwrap()
 }
 
-/// Submits `n` single-text jobs at once; returns (ok, failed) and counts
-/// finished jobs in `done` as they come back.
-async fn submit_all(
-    client: &Client,
-    n: usize,
-    prefix: &str,
-    done: Arc<AtomicUsize>,
-) -> (usize, Vec<String>) {
+/// What the caller of a run got back.
+struct Outcomes {
+    ok: usize,
+    failed: Vec<String>,
+    /// Job ids `submit_many` handed back more than one outcome for.
+    answered_twice: usize,
+}
+
+/// Submits `n` single-text jobs at once; counts finished jobs in `done` as
+/// they come back.
+async fn submit_all(client: &Client, n: usize, prefix: &str, done: Arc<AtomicUsize>) -> Outcomes {
     let jobs: Vec<Job> = (0..n)
         .map(|i| {
             Job::new(
@@ -188,24 +196,75 @@ async fn submit_all(
         .await;
     let mut ok = 0;
     let mut failed = Vec::new();
+    let mut per_job: HashMap<String, usize> = HashMap::new();
     for (id, outcome) in outcomes {
+        *per_job.entry(id.to_string()).or_default() += 1;
         match outcome.map(|r| r.into_result()) {
             Ok(Ok(_)) => ok += 1,
             Ok(Err(err)) => failed.push(format!("{id}: {err}")),
             Err(err) => failed.push(format!("{id}: {err}")),
         }
     }
-    (ok, failed)
+    Outcomes {
+        ok,
+        failed,
+        answered_twice: per_job.values().filter(|&&n| n > 1).count(),
+    }
+}
+
+/// `answered_twice_at_client=.. results_stored_twice=..` for a finished run
+/// on `client`: the first from what the caller got (asserted 0), the second
+/// from the results stream, read back on the client's inbox (a few bounded
+/// tries: right after a server loss JetStream may not answer yet).
+async fn duplicates(js: &jetstream::Context, client: &Client, run: &Outcomes) -> String {
+    assert_eq!(
+        run.answered_twice, 0,
+        "the caller got two outcomes for one job"
+    );
+    let mut tries = 0;
+    let stored = loop {
+        match jetinfer_nats::results::since(js, client.inbox(), time::OffsetDateTime::UNIX_EPOCH)
+            .await
+        {
+            Ok(stored) => break stored,
+            Err(err) => {
+                tries += 1;
+                assert!(tries < 60, "reading the results stream: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for payload in &stored {
+        let result = decode_result(payload).expect("a stored result decodes");
+        *per_job.entry(result.job_id).or_default() += 1;
+    }
+    format!(
+        "answered_twice_at_client={} results_stored_twice={}",
+        run.answered_twice,
+        per_job.values().filter(|&&n| n > 1).count()
+    )
 }
 
 /// Waits for a run of `n` jobs, prints its figures after `label`, and asserts
 /// that every job was answered.
-async fn finish_run(run: tokio::task::JoinHandle<(usize, Vec<String>)>, n: usize, label: &str) {
-    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+async fn finish_run(
+    run: tokio::task::JoinHandle<Outcomes>,
+    n: usize,
+    label: &str,
+    js: &jetstream::Context,
+    client: &Client,
+) {
+    let outcomes = tokio::time::timeout(PATIENCE * 2, run)
         .await
         .expect("run finished")
         .unwrap();
-    eprintln!("{label} answered={ok} lost={}", n - ok - failed.len());
+    let (ok, failed) = (outcomes.ok, &outcomes.failed);
+    eprintln!(
+        "{label} answered={ok} lost={} {}",
+        n - ok - failed.len(),
+        duplicates(js, client, &outcomes).await
+    );
     assert!(
         failed.is_empty(),
         "failed jobs: {:?}",
@@ -261,14 +320,17 @@ async fn crash_run(backend: &str, n: usize, kills: usize, delay_us: &str) {
         victim.kill();
         victim = WorkerProcess::start(&server, backend, &env);
     }
-    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+    let outcomes = tokio::time::timeout(PATIENCE * 2, run)
         .await
         .expect("run finished")
         .unwrap();
+    let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let (ok, failed) = (outcomes.ok, &outcomes.failed);
     eprintln!(
-        "worker crash ({backend}): jobs={n} kills={kills} answered={ok} lost={} computed_twice={} answered_twice_at_client=0",
+        "worker crash ({backend}): jobs={n} kills={kills} answered={ok} lost={} computed_twice={} {}",
         n - ok - failed.len(),
-        counter.computed_twice()
+        counter.computed_twice(),
+        duplicates(&js, &client, &outcomes).await
     );
     assert!(
         failed.is_empty(),
@@ -314,10 +376,13 @@ async fn server_restart_run(graceful: bool) {
             server.restart()
         }
     });
+    let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
     finish_run(
         run,
         n,
         &format!("server restart (graceful={graceful}): jobs={n} restarts=1"),
+        &js,
+        &client,
     )
     .await;
     worker.shutdown().await;
@@ -374,9 +439,10 @@ async fn poison_jobs_become_dead_letters_and_every_good_job_is_answered() {
         };
         publish_raw(&js, "jobs.minilm.default", reply_to, &id, payload).await;
     }
-    let (ok, failed) = tokio::time::timeout(PATIENCE, run).await.unwrap().unwrap();
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(ok, good);
+    let outcomes = tokio::time::timeout(PATIENCE, run).await.unwrap().unwrap();
+    assert!(outcomes.failed.is_empty(), "{:?}", outcomes.failed);
+    assert_eq!(outcomes.ok, good);
+    let good_duplicates = duplicates(&js, &client, &outcomes).await;
 
     // The 75 with a reply subject got a typed error reply.
     let mut replied = 0;
@@ -417,7 +483,8 @@ async fn poison_jobs_become_dead_letters_and_every_good_job_is_answered() {
     assert_eq!(reasons.get("invalid_input"), Some(&75), "{reasons:?}");
     assert_eq!(reasons.get("unknown_model"), Some(&25), "{reasons:?}");
     eprintln!(
-        "poison: good={good} answered={ok} bad=100 dead_letters={} reasons={reasons:?}",
+        "poison: good={good} answered={} bad=100 dead_letters={} reasons={reasons:?} {good_duplicates}",
+        outcomes.ok,
         letters.len()
     );
     // The same worker served it all: it never restarted.
@@ -572,13 +639,16 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
     );
 
     let _taking_over = WorkerProcess::start(&server, "echo", &env);
-    let (ok, failed) = tokio::time::timeout(Duration::from_secs(300), run)
+    let outcomes = tokio::time::timeout(Duration::from_secs(300), run)
         .await
         .expect("no job waited for ack_wait")
         .unwrap();
+    let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let (ok, failed) = (outcomes.ok, &outcomes.failed);
     eprintln!(
-        "drain: jobs={n} answered_before_sigterm_exit={answered_by_first} answered={ok} lost={}",
-        n - ok - failed.len()
+        "drain: jobs={n} answered_before_sigterm_exit={answered_by_first} answered={ok} lost={} {}",
+        n - ok - failed.len(),
+        duplicates(&js, &client, &outcomes).await
     );
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(ok, n);
@@ -586,7 +656,7 @@ async fn sigterm_drains_exits_zero_and_hands_back_what_it_could_not_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
-    // The client's reconnect and catch-up, shown only if the test fails.
+    // The client's resumed results consumer, shown only if the test fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("jetinfer_producer=debug,jetinfer_worker=info")
         .with_test_writer()
@@ -650,11 +720,16 @@ async fn killing_the_stream_leader_of_a_three_node_cluster_loses_nothing() {
     };
     wait_until(&done, n / 4).await;
     cluster.kill(&leader);
-    let (ok, failed) = tokio::time::timeout(PATIENCE * 2, run)
+    let outcomes = tokio::time::timeout(PATIENCE * 2, run)
         .await
         .unwrap()
         .unwrap();
-    eprintln!("cluster failover: jobs={n} killed_leader={leader} answered={ok}");
+    let (ok, failed) = (outcomes.ok, &outcomes.failed);
+    eprintln!(
+        "cluster failover: jobs={n} killed_leader={leader} answered={ok} lost={} {}",
+        n - ok - failed.len(),
+        duplicates(&js, &client, &outcomes).await
+    );
     if !failed.is_empty() {
         // Seen about once in ten runs under a loaded machine: say where the
         // unanswered jobs are (still queued, delivered, or answered but not
