@@ -118,7 +118,8 @@ pub async fn serves(stream: &mut stream::Stream, model: &str) -> Result<bool, Pr
     Ok(info.config.subjects.contains(&ours))
 }
 
-fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
+/// Whether getting a stream failed because it does not exist.
+pub(crate) fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
     matches!(
         err.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(ref e)

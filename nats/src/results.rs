@@ -56,15 +56,7 @@ pub async fn ensure(
 ) -> Result<(), ProvisionError> {
     match js.get_stream(RESULTS_STREAM).await {
         Ok(_) => Ok(()),
-        Err(err)
-            if matches!(
-                err.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref e)
-                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            provision(js, max_age, replicas).await
-        }
+        Err(err) if crate::provision::is_not_found(&err) => provision(js, max_age, replicas).await,
         Err(err) => Err(ProvisionError::Stream {
             name: RESULTS_STREAM.to_string(),
             source: err.into(),

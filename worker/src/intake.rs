@@ -175,14 +175,8 @@ impl Intake {
             .check_held(&tenant, self.settler.ledger().held_by(&tenant))
             .and_then(|()| self.rates.check_job(&tenant, job.inputs.len()));
         if let Err(refused) = admitted {
-            self.settler
-                .give_up(
-                    &delivery,
-                    Some(&reply_to),
-                    &job.id,
-                    refused.error(&tenant),
-                    false,
-                )
+            let error = refused.error(&tenant);
+            self.answer_refused(&delivery, &reply_to, &job.id, error)
                 .await;
             return None;
         }
@@ -202,14 +196,8 @@ impl Intake {
         };
         let cost = tokens.iter().map(|t| t.ids.len()).sum();
         if let Err(refused) = self.rates.check_tokens(&tenant, cost) {
-            self.settler
-                .give_up(
-                    &delivery,
-                    Some(&reply_to),
-                    &job.id,
-                    refused.error(&tenant),
-                    false,
-                )
+            let error = refused.error(&tenant);
+            self.answer_refused(&delivery, &reply_to, &job.id, error)
                 .await;
             return None;
         }
@@ -228,6 +216,14 @@ impl Intake {
             .with_cancel_flag(cancel_flag)
             .with_tenant(tenant),
         )
+    }
+
+    /// Answers a job a limit refused and terminates it: no dead letter, since
+    /// retrying (or splitting a too costly job) is the client's call.
+    async fn answer_refused(&self, delivery: &Delivery, reply_to: &str, id: &str, error: JobError) {
+        self.settler
+            .give_up(delivery, Some(reply_to), id, error, false)
+            .await;
     }
 
     /// The cancel flag of the bulk run the job belongs to, if it names one

@@ -48,6 +48,15 @@ async fn stored(ops: &Observed, stream: &str, filter: &str) -> Vec<(String, usiz
     subjects
 }
 
+/// `client`'s job of one `text` is answered with embeddings.
+async fn assert_served(client: &Client, text: &str) {
+    let result = client
+        .submit(Job::new("minilm", vec![text.into()]))
+        .await
+        .expect("the job is answered");
+    assert!(result.into_result().is_ok(), "embeddings for {text:?}");
+}
+
 /// No message arrives on `sub` for a second.
 async fn nothing_arrives(sub: &mut async_nats::Subscriber, what: &str) {
     let got = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
@@ -114,11 +123,7 @@ async fn f2_a_pubacks_reply_subject_cannot_reach_another_tenant_or_the_workers()
         .is_empty());
     assert!(ops.js.get_stream("JETINFER_JOBS").await.is_ok());
     // globex still works.
-    let answered = globex_client
-        .submit(Job::new("minilm", vec!["calm".into()]))
-        .await
-        .expect("globex is answered");
-    assert!(answered.into_result().is_ok());
+    assert_served(&globex_client, "calm").await;
     worker.shutdown().await;
 }
 
@@ -378,12 +383,7 @@ async fn f9_consumers_a_tenant_makes_stay_in_its_account_and_within_its_limit() 
     assert!(stored(&ops, "JETINFER_CANCELS", "cancels.globex")
         .await
         .is_empty());
-    assert!(globex_client
-        .submit(Job::new("minilm", vec!["calm".into()]))
-        .await
-        .unwrap()
-        .into_result()
-        .is_ok());
+    assert_served(&globex_client, "calm").await;
     other.shutdown().await;
     worker.shutdown().await;
 }
@@ -477,12 +477,7 @@ async fn f10_a_tenants_storage_is_bounded_and_never_takes_another_tenants() {
             ("cancels.globex".to_string(), 1)
         ]
     );
-    assert!(globex_client
-        .submit(Job::new("minilm", vec!["calm".into()]))
-        .await
-        .unwrap()
-        .into_result()
-        .is_ok());
+    assert_served(&globex_client, "calm").await;
     worker.shutdown().await;
 }
 
@@ -554,12 +549,7 @@ async fn tenants_are_added_and_removed_by_a_reload_while_workers_keep_serving() 
     }
     assert!(gone, "globex still connects after its removal");
     for client in [&acme, &initech] {
-        assert!(client
-            .submit(Job::new("minilm", vec!["still here".into()]))
-            .await
-            .unwrap()
-            .into_result()
-            .is_ok());
+        assert_served(client, "still here").await;
     }
     worker.shutdown().await;
 }
