@@ -41,7 +41,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use jetinfer_nats::subjects::{self, SubjectError, Tenant, DEFAULT_TENANT};
 use jetinfer_nats::{NatsConfig, PublishJobError};
-use jetinfer_schemas::{decode_result, Job, JobId, JobResult};
+use jetinfer_schemas::{decode_result, Job, JobId, JobResult, Untrusted};
 use tokio::sync::oneshot;
 
 /// How long [`Client::submit`] waits for a result by default.
@@ -218,11 +218,11 @@ fn route(pending: &Pending, payload: &[u8]) {
                     let _ = waiter.send(result);
                 }
                 None => {
-                    tracing::debug!(job = %result.job_id, "result nobody waits for (late or duplicate); dropped")
+                    tracing::debug!(job = %Untrusted(&result.job_id), "result nobody waits for (late or duplicate); dropped")
                 }
             }
         }
-        Err(err) => tracing::warn!(error = %err, "undecodable result dropped"),
+        Err(err) => tracing::warn!(error = %Untrusted(err), "undecodable result dropped"),
     }
 }
 

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use jetinfer_nats::NatsConfig;
 use jetinfer_producer::{Client, ClientConfig, SubmitError};
-use jetinfer_schemas::{Job, JobOptions, JobResult, Outcome, Truncation};
+use jetinfer_schemas::{Job, JobOptions, JobResult, Outcome, Truncation, Untrusted};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -314,14 +314,17 @@ async fn dlq(
                 } else {
                     "whole"
                 };
+                // A letter's fields came off the wire (an undecodable job's
+                // id, a hostile subject): escaped, so none can forge a line
+                // or drive the operator's terminal.
                 println!(
                     "{}\t{}\t{}\t{} deliveries\t{}\t{kept}\t{}",
                     letter.sequence,
-                    letter.job_id,
-                    letter.reason,
+                    Untrusted(&letter.job_id),
+                    Untrusted(&letter.reason),
                     letter.deliveries,
-                    letter.original_subject,
-                    letter.detail
+                    Untrusted(&letter.original_subject),
+                    Untrusted(&letter.detail)
                 );
             }
         }
