@@ -28,3 +28,20 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 cargo test --workspace --locked
+
+echo "== GPU check: no-GPU exit and a CPU rehearsal of every step" >&2
+# On a machine without an NVIDIA GPU the check must say so and exit 69; the
+# rehearsal runs the same pipeline (nats-server, worker, golden texts through
+# NATS, loadgen light and bulk runs, the report) on the CPU, small.
+gpu_report=$(mktemp -d)
+shared=${JETINFER_SHARED_DATA:-../shared/data}
+status=0
+NVIDIA_SMI=/nonexistent/nvidia-smi bash scripts/gpu-check.sh --report "$gpu_report/none" || status=$?
+[ "$status" = 69 ] || { echo "gpu-check: expected exit 69 without a GPU, got $status" >&2; exit 1; }
+grep -q '"status": "no_gpu"' "$gpu_report/none/gpu-report.json"
+cargo build --workspace --bins --locked --quiet
+bash scripts/gpu-check.sh --device cpu --bin target/debug --model .cache/models/all-MiniLM-L6-v2 \
+  --golden "$shared/minilm_golden.json" --corpus "$shared/bench_corpus.json" \
+  --dtypes f32 --batches 16 --texts 64 --light-jobs 5 --report "$gpu_report/cpu"
+cat "$gpu_report/cpu/gpu-report.md" >&2
+rm -rf "$gpu_report"
