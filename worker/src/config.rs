@@ -90,14 +90,82 @@ pub enum BackendKind {
     Echo,
 }
 
-/// Where candle runs the model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Where candle runs the model: `cpu`, `cuda` (the GPU `model.cuda_ordinal`
+/// names, 0 unless set) or `cuda:N` (GPU N).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeviceKind {
     #[default]
     Cpu,
-    /// A CUDA GPU (needs the `cuda` cargo feature).
-    Cuda,
+    /// A CUDA GPU (needs the `cuda` cargo feature); `None`: the one
+    /// `model.cuda_ordinal` names.
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| format!("{other:?}: expected cpu, cuda or cuda:N (N a GPU number)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The number type candle's forward computes in (`model.dtype`). The packed
+/// CPU forward has its own knob, `model.matmul`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// Full precision: the golden bound (cosine >= 0.9999) holds.
+    #[default]
+    F32,
+    /// Half precision (weights and activations; softmax and layer norm
+    /// accumulate in f32 inside candle's kernels). For GPUs: half the
+    /// memory traffic, tensor cores. docs/benchmarks.md has its accuracy.
+    F16,
+    /// bfloat16: f32's range with 8 bits of mantissa, for GPUs with bf16
+    /// tensor cores (Ampere and later).
+    Bf16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Which forward pass computes a BERT model's embeddings.
@@ -128,7 +196,10 @@ pub struct ModelConfig {
     /// Reported revision; defaults to a hash of the weights.
     pub revision: Option<String>,
     pub device: DeviceKind,
+    /// The GPU `device = "cuda"` runs on (`cuda:N` names one directly).
     pub cuda_ordinal: usize,
+    /// Candle forward only: the number type it computes in.
+    pub dtype: Dtype,
     /// Candle backend only: which forward pass runs the model.
     pub forward: ForwardKind,
     /// Packed forward only: how its dense layers multiply. `auto` (AMX tiles
@@ -138,6 +209,16 @@ pub struct ModelConfig {
     pub matmul: jetinfer_bert::Matmul,
     /// Echo backend only: simulated compute per padded token, in microseconds.
     pub echo_delay_per_token_us: u64,
+}
+
+impl ModelConfig {
+    /// The CUDA device the model runs on, `None` on CPU.
+    pub fn cuda_device(&self) -> Option<usize> {
+        match self.device {
+            DeviceKind::Cpu => None,
+            DeviceKind::Cuda(n) => Some(n.unwrap_or(self.cuda_ordinal)),
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -150,6 +231,7 @@ impl Default for ModelConfig {
             revision: None,
             device: DeviceKind::Cpu,
             cuda_ordinal: 0,
+            dtype: Dtype::F32,
             forward: ForwardKind::Auto,
             matmul: jetinfer_bert::Matmul::Auto,
             echo_delay_per_token_us: 0,
@@ -397,5 +479,30 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_is_cpu_cuda_or_cuda_with_a_gpu_number() {
+        let parsed = |text: &str| text.parse::<DeviceKind>();
+        assert_eq!(parsed("cpu"), Ok(DeviceKind::Cpu));
+        assert_eq!(parsed("cuda"), Ok(DeviceKind::Cuda(None)));
+        assert_eq!(parsed("cuda:3"), Ok(DeviceKind::Cuda(Some(3))));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CUDA"] {
+            assert!(parsed(bad).is_err(), "{bad} refused");
+        }
+        let model = |device| ModelConfig {
+            device,
+            cuda_ordinal: 2,
+            ..Default::default()
+        };
+        assert_eq!(model(DeviceKind::Cpu).cuda_device(), None);
+        assert_eq!(model(DeviceKind::Cuda(None)).cuda_device(), Some(2));
+        assert_eq!(model(DeviceKind::Cuda(Some(1))).cuda_device(), Some(1));
+        assert_eq!(DeviceKind::Cuda(Some(1)).to_string(), "cuda:1");
     }
 }

@@ -242,7 +242,7 @@ impl Worker {
             consumer.clone(),
             stream.clone(),
             config.monitoring.queue_poll,
-            (config.model.device == config::DeviceKind::Cuda).then_some(config.model.cuda_ordinal),
+            config.model.cuda_device(),
             helpers_stop.clone(),
         );
         let sweep = exhausted::Sweep {

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{Backend, BackendError, Tokens};
-use crate::config::{DeviceKind, ForwardKind, ModelConfig};
+use crate::config::{DeviceKind, Dtype, ForwardKind, ModelConfig};
 
 /// Hex digits of the weights' SHA-256 used as revision when none is configured.
 const REVISION_HEX_LEN: usize = 12;
@@ -51,6 +51,7 @@ pub struct CandleBackend {
     encoder: Encoder,
     tokenizer: Tokenizer,
     device: Device,
+    dtype: Dtype,
     pooling: Pooling,
     max_seq_len: usize,
     pad_id: u32,
@@ -109,34 +110,43 @@ impl CandleBackend {
             Some(revision) => revision.clone(),
             None => file_revision(&weights)?,
         };
-        let encoder =
-            match (config.forward, config.device) {
-                (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda)
-                    if config.matmul != jetinfer_bert::Matmul::Auto =>
-                {
-                    return Err(load_err(
-                        dir,
-                        "model.matmul applies to the packed forward only: leave it `auto` with the candle forward",
-                    ))
+        let on_cuda = matches!(config.device, DeviceKind::Cuda(_));
+        let encoder = match (config.forward, on_cuda) {
+            (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
+                if config.matmul != jetinfer_bert::Matmul::Auto =>
+            {
+                return Err(load_err(
+                    dir,
+                    "model.matmul applies to the packed forward only: leave it `auto` with the candle forward",
+                ))
+            }
+            (ForwardKind::Candle, _) | (ForwardKind::Auto, true) => {
+                // SAFETY: the weights file is memory-mapped read-only and must
+                // not be modified while the worker runs, as with any mmapped model.
+                let vb = unsafe {
+                    VarBuilder::from_mmaped_safetensors(
+                        std::slice::from_ref(&weights),
+                        candle_dtype(config.dtype),
+                        &device,
+                    )
                 }
-                (ForwardKind::Candle, _) | (ForwardKind::Auto, DeviceKind::Cuda) => {
-                    // SAFETY: the weights file is memory-mapped read-only and must
-                    // not be modified while the worker runs, as with any mmapped model.
-                    let vb = unsafe {
-                        VarBuilder::from_mmaped_safetensors(
-                            std::slice::from_ref(&weights),
-                            DType::F32,
-                            &device,
-                        )
-                    }
-                    .map_err(|e| load_err(&weights, e))?;
-                    Encoder::Candle(BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?)
-                }
-                (ForwardKind::Packed, DeviceKind::Cuda) => return Err(load_err(
+                .map_err(|e| load_err(&weights, e))?;
+                Encoder::Candle(BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?)
+            }
+            (_, false) if config.dtype != Dtype::F32 => {
+                return Err(load_err(
+                    dir,
+                    "model.dtype applies to the candle forward only: set model.forward = \"candle\", \
+                     or use model.matmul for the packed forward's products",
+                ))
+            }
+            (ForwardKind::Packed, true) => {
+                return Err(load_err(
                     dir,
                     "the packed forward runs on CPU only: set model.forward = \"candle\" for CUDA",
-                )),
-                (ForwardKind::Packed | ForwardKind::Auto, DeviceKind::Cpu) => {
+                ))
+            }
+            (ForwardKind::Packed | ForwardKind::Auto, false) => {
                     let packed: jetinfer_bert::Config = read_json(&dir.join("config.json"))?;
                     let bert = jetinfer_bert::Bert::load(&weights, packed, config.matmul)
                         .map_err(|e| load_err(&weights, e))?;
@@ -154,6 +164,7 @@ impl CandleBackend {
             encoder,
             tokenizer,
             device,
+            dtype: config.dtype,
             pooling,
             max_seq_len,
             pad_id: bert.pad_token_id as u32,
@@ -190,7 +201,11 @@ impl CandleBackend {
         let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
         let token_types = ids.zeros_like()?;
-        let hidden = model.forward(&ids, &token_types, Some(&mask))?;
+        // Pooled in f32 whatever the forward computed in: a mean over up to
+        // 512 half-precision rows would lose digits the model kept.
+        let hidden = model
+            .forward(&ids, &token_types, Some(&mask))?
+            .to_dtype(DType::F32)?;
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
@@ -206,14 +221,38 @@ impl CandleBackend {
 }
 
 fn device(config: &ModelConfig) -> Result<Device, BackendError> {
-    match config.device {
-        DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda => Device::new_cuda(config.cuda_ordinal).map_err(|e| {
-            load_err(
-                &config.path,
-                format!("{e} (CUDA needs a build with `--features cuda` and a GPU)"),
-            )
-        }),
+    let Some(ordinal) = config.cuda_device() else {
+        return Ok(Device::Cpu);
+    };
+    // cudarc loads libcuda when first asked and panics when it cannot (no
+    // driver on this machine): that is a load error like any other, said
+    // plainly, not a worker that dies with a backtrace.
+    let created = std::panic::catch_unwind(|| Device::new_cuda(ordinal)).map_err(|panic| {
+        load_err(
+            &config.path,
+            format!(
+                "no CUDA driver could be loaded for GPU {ordinal} ({}): \
+                 is an NVIDIA driver installed and the GPU visible?",
+                crate::supervise::panic_message(panic.as_ref())
+            ),
+        )
+    })?;
+    created.map_err(|e| {
+        load_err(
+            &config.path,
+            format!(
+                "GPU {ordinal}: {e} (CUDA needs a build with `--features cuda`, an NVIDIA \
+                 driver and a GPU with that number)"
+            ),
+        )
+    })
+}
+
+fn candle_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
     }
 }
 
@@ -248,8 +287,11 @@ impl Backend for CandleBackend {
     fn compute(&self) -> String {
         match &self.encoder {
             Encoder::Packed(bert) => format!("cpu packed {}", bert.matmul().name()),
-            Encoder::Candle(_) if self.device.is_cuda() => "cuda candle f32".to_string(),
-            Encoder::Candle(_) => "cpu candle f32".to_string(),
+            Encoder::Candle(_) => format!(
+                "{} candle {}",
+                if self.device.is_cuda() { "cuda" } else { "cpu" },
+                self.dtype.name()
+            ),
         }
     }
 
