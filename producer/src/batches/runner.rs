@@ -435,7 +435,11 @@ async fn drive(batches: &Batches, id: &str) -> Result<(), BatchError> {
     )
     .await;
     let _ = reader.await;
-    driven.map_err(BatchError::store)?;
+    let driven = driven.map_err(BatchError::store)?;
+    if driven.stopped && driver.stop.is_none() {
+        // Stopped by a `cancelled` answer before a tick saw the record.
+        driver.stop = Some(Stop::Cancelled);
+    }
 
     let stop = driver.stop;
     let (completed, failed) = (driver.completed, driver.failed);

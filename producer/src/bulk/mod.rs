@@ -396,6 +396,13 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
     let _ = reader.await;
     let driven = driven?;
     let counts = driven.counts;
+    if driven.stopped && !driver.cancelled {
+        // Stopped by a `cancelled` answer before a tick saw the mark.
+        driver.cancelled = bulk::is_cancelled(&kv, &tenant, &run).await.unwrap_or(true);
+        if driver.cancelled {
+            driver.record.state = RunState::Cancelled;
+        }
+    }
 
     let summary = Summary {
         run: run.clone(),

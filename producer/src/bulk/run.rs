@@ -13,7 +13,8 @@
 //! 3. [`Driver`]'s writes: each result once per `custom_id` (the done set
 //!    drops a second one), refused lines, flushes;
 //! 4. [`Driver::tick`], every [`TICK`]: the caller records progress and says
-//!    whether to stop submitting (a cancel).
+//!    whether to stop submitting (a cancel). A job answered `cancelled`
+//!    stops submitting at once: workers answer so only for a cancelled run.
 //!
 //! Memory: the lines in flight and a 64-bit key per `custom_id`.
 
@@ -139,7 +140,8 @@ pub trait Driver: Send {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Driven {
     pub counts: Counts,
-    /// A tick asked to stop submitting.
+    /// Submitting stopped early: a tick asked, or a job was answered
+    /// `cancelled` (its run was cancelled).
     pub stopped: bool,
 }
 
@@ -286,6 +288,14 @@ pub async fn drive<D: Driver>(
                 }
                 if catching_up {
                     counts.recovered += 1;
+                }
+                // Workers answer `cancelled` only for a cancelled run: stop
+                // now, not at the next tick, or the lines left would race
+                // through permits the instant answers free.
+                if !stopped && matches!(&result.outcome, Outcome::Error(e) if e.code == ErrorCode::Cancelled) {
+                    tracing::warn!(run = %run, "a job of the run was answered cancelled: submitting no more lines");
+                    stopped = true;
+                    stop.cancel();
                 }
             }
             refusal = refusals.recv(), if refusals_open => match refusal {
