@@ -14,9 +14,9 @@
 //! and writes each line exactly once. The output and error files are
 //! composed on local disk (a temporary directory) and stored in the object
 //! store when the batch ends: a resumed batch rebuilds them from the results
-//! stream, so that stream must keep results for as long as a batch may run
-//! (its `max_age`, `ClientConfig::results_max_age`, made by the first
-//! producer of the account).
+//! stream, so a line whose result aged out of it (its `max_age`,
+//! `ClientConfig::results_max_age` of the account's first producer, below
+//! the 24 h window) is computed again: never lost, never written twice.
 //!
 //! One runner per tenant: two runners on one batch would both drive it
 //! (the jobs are de-duplicated, the files written twice).
