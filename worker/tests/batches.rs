@@ -605,3 +605,36 @@ async fn a_minilm_batch_output_matches_the_golden_embeddings() {
     eprintln!("lowest cosine of a batch output line to the golden file: {lowest}");
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_its_completion_window_ends_expired_without_running() {
+    let server = NatsServer::start();
+    let worker = echo_worker(&server, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = Batches::open(&client_config(&server), batches_config(&dir, 16))
+        .await
+        .unwrap();
+    let file = upload(&batches, requests(50)).await;
+    let batch = start_batch(&batches, &file).await;
+    // Its 24 h window passed while no runner ran: the record says so.
+    let js =
+        async_nats::jetstream::new(jetinfer_nats::connect(&nats_config(&server)).await.unwrap());
+    let records = js.get_key_value("JETINFER_BATCHES").await.unwrap();
+    let key = format!("default.{}", batch.id);
+    let mut stale = batch.clone();
+    stale.expires_at = Some(batch.created_at - 1);
+    records
+        .put(&key, serde_json::to_vec(&stale).unwrap().into())
+        .await
+        .unwrap();
+
+    let _runner = batches.runner();
+    let expired = wait_for(&batches, &batch.id, "expired", |b| {
+        b.status == BatchStatus::Expired
+    })
+    .await;
+    assert!(expired.expired_at.is_some());
+    assert_eq!(expired.request_counts.completed, 0, "nothing was run");
+    assert!(expired.output_file_id.is_none());
+    worker.shutdown().await;
+}

@@ -451,11 +451,13 @@ impl Batches {
     /// is a [`BatchError::Conflict`]; one already cancelling is returned as
     /// it is.
     pub async fn cancel(&self, id: &str) -> Result<Batch, BatchError> {
+        let mut changed = false;
         let batch = self
             .update(id, |batch| match batch.status {
                 BatchStatus::Validating | BatchStatus::InProgress => {
                     batch.status = BatchStatus::Cancelling;
                     batch.cancelling_at = Some(now_s());
+                    changed = true;
                     Ok(true)
                 }
                 BatchStatus::Cancelling | BatchStatus::Cancelled => Ok(false),
@@ -464,8 +466,12 @@ impl Batches {
                 ))),
             })
             .await?;
-        self.notify_workers(&batch).await;
-        self.inner.wake.notify_waiters();
+        // Once per batch: repeated cancels add no notices to the workers'
+        // bounded stream.
+        if changed {
+            self.notify_workers(&batch).await;
+            self.inner.wake.notify_waiters();
+        }
         Ok(batch)
     }
 

@@ -315,8 +315,14 @@ async fn drive(batches: &Batches, id: &str) -> Result<(), BatchError> {
     let run = run_of(id)
         .ok_or_else(|| BatchError::Store(format!("batch id {id} does not end in a run id")))?
         .to_string();
-    if batch.status == BatchStatus::Cancelling && batch.in_progress_at.is_none() {
-        return finish(batches, id, None, 0, 0, Some(Stop::Cancelled)).await;
+    // Never started: nothing to collect.
+    if batch.in_progress_at.is_none() {
+        if batch.status == BatchStatus::Cancelling {
+            return finish(batches, id, None, 0, 0, Some(Stop::Cancelled)).await;
+        }
+        if batch.expires_at.is_some_and(|at| now_s() >= at) {
+            return finish(batches, id, None, 0, 0, Some(Stop::Expired)).await;
+        }
     }
     let work = WorkFiles::new(&batches.inner.config.work_dir, id)?;
     match batches
