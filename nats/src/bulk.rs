@@ -218,6 +218,18 @@ pub async fn cancel(
     kv.put(key, bytes::Bytes::from_static(b"cancelled"))
         .await
         .map_err(|e| BulkStoreError::Kv(e.to_string()))?;
+    notify_cancel(js, tenant, run).await
+}
+
+/// Tells the workers that `run` is cancelled (they answer its queued jobs
+/// `cancelled`), with no mark in the bucket: for runs whose submitter learns
+/// of the cancel elsewhere (a batch's record). Stored before this returns.
+pub async fn notify_cancel(
+    js: &jetstream::Context,
+    tenant: &Tenant,
+    run: &str,
+) -> Result<(), BulkStoreError> {
+    subjects::check_run_id(run)?;
     js.publish(subjects::bulk_cancels(tenant), run.to_string().into())
         .await
         .map_err(|e| BulkStoreError::Notice(e.to_string()))?

@@ -8,8 +8,10 @@
 //! - [`results`]: the durable results stream, publishing into it, catching up.
 //! - [`dead_letter`]: the dead-letter stream and storing a job that was given up.
 //! - [`bulk`]: the bucket of bulk runs' records and cancel marks.
+//! - [`batches`]: the Batch API's object store of files and bucket of batch records.
 //! - `testing` (feature `testing`): a real `nats-server` on a free loopback port.
 
+pub mod batches;
 pub mod bulk;
 mod config;
 mod connect;

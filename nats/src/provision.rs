@@ -119,7 +119,7 @@ pub async fn serves(stream: &mut stream::Stream, model: &str) -> Result<bool, Pr
 }
 
 /// Whether getting a stream failed because it does not exist.
-pub(crate) fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
+pub fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
     matches!(
         err.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(ref e)

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batches;
 pub mod bulk;
 
 use std::collections::HashMap;

@@ -56,7 +56,7 @@ pub fn count_lines(path: &Path) -> std::io::Result<u64> {
 }
 
 #[derive(PartialEq)]
-enum Read {
+pub(crate) enum Read {
     Line,
     TooLong,
     Eof,
@@ -64,7 +64,7 @@ enum Read {
 
 /// Reads one line into `buf` (without its newline), keeping at most
 /// [`MAX_LINE_BYTES`] and skipping the rest of a longer line.
-fn read_bounded(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Read> {
+pub(crate) fn read_bounded(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Read> {
     let mut too_long = false;
     let mut any = false;
     loop {
@@ -106,6 +106,24 @@ pub fn read(
     hasher: CustomIdHasher,
     lines: mpsc::Sender<Line>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    read_with(path, hasher, lines, move |bytes| {
+        parse(bytes, &run, &default_model)
+    })
+}
+
+/// What a line parser makes of one non-blank line: its `custom_id` and
+/// job, or why it is refused (with the `custom_id` when one could be read).
+pub type Parsed = Result<(String, Job), (Option<String>, String)>;
+
+/// [`read`] with the line format given by `parse` (the Batch API's lines
+/// differ from `jetinfer bulk`'s): bounded lines, line numbers, and
+/// duplicate `custom_id`s refused, whatever the format.
+pub fn read_with(
+    path: std::path::PathBuf,
+    hasher: CustomIdHasher,
+    lines: mpsc::Sender<Line>,
+    parse: impl Fn(&[u8]) -> Parsed + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
     tokio::task::spawn_blocking(move || {
         let mut reader = std::io::BufReader::new(std::fs::File::open(&path)?);
         let mut buf = Vec::new();
@@ -129,7 +147,7 @@ pub fn read(
             } else if buf.trim_ascii().is_empty() {
                 continue;
             } else {
-                match parse(&buf, &run, &default_model) {
+                match parse(&buf) {
                     Ok((custom_id, job)) => {
                         let key = hasher.key(&custom_id);
                         if seen.insert(key) {
@@ -165,11 +183,7 @@ pub fn read(
 
 /// Parses one line into its `custom_id` and job, or says what is wrong (with
 /// the `custom_id` when it could be read).
-fn parse(
-    bytes: &[u8],
-    run: &str,
-    default_model: &str,
-) -> Result<(String, Job), (Option<String>, String)> {
+fn parse(bytes: &[u8], run: &str, default_model: &str) -> Parsed {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| (None, format!("not valid JSON: {e}")))?;
     let Value::Object(fields) = value else {
@@ -181,7 +195,7 @@ fn parse(
     Ok((custom_id, job))
 }
 
-fn custom_id(fields: &Map<String, Value>) -> Result<String, String> {
+pub(crate) fn custom_id(fields: &Map<String, Value>) -> Result<String, String> {
     let id = match fields.get("custom_id") {
         None => return Err("missing \"custom_id\"".into()),
         Some(Value::String(id)) => id,
@@ -257,7 +271,7 @@ fn job(
         .with_options(options))
 }
 
-fn kind(value: &Value) -> &'static str {
+pub(crate) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -12,13 +12,15 @@
 //!
 //! One invocation, in order:
 //! 1. read the output and error files: `custom_id`s already there are done;
-//! 2. replay the run's inbox from the results stream (an ordered consumer):
-//!    results stored while no submitter ran are written out, not recomputed;
-//! 3. stream the input ([`input`]), submitting each line that is not done,
-//!    at most `in_flight` awaiting results (a permit is held from publish to
-//!    result), waiting out a full jobs stream (`QueueFull`) rather than
-//!    buffering;
-//! 4. write each result as it arrives ([`output`]) until none is awaited.
+//! 2. open the run ([`run::open`]): replay its inbox from the results stream
+//!    (an ordered consumer), so results stored while no submitter ran are
+//!    written out, not recomputed;
+//! 3. stream the input ([`input`]) into [`run::drive`], which submits each
+//!    line that is not done, at most `in_flight` awaiting results, waiting
+//!    out a full jobs stream (`QueueFull`) rather than buffering;
+//! 4. write each result as it arrives ([`output`], through this module's
+//!    [`run::Driver`]) until none is awaited, recording progress in the run
+//!    record every tick.
 //!
 //! Memory: the lines in flight and a 64-bit key per `custom_id` (the done
 //! and duplicate sets), never the input or the output.
@@ -26,38 +28,28 @@
 pub mod input;
 pub mod output;
 pub mod progress;
+pub mod run;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream;
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use jetinfer_nats::bulk::{self, BulkStoreError, RunRecord, RunState};
 use jetinfer_nats::subjects::{self, SubjectError, Tenant};
 use jetinfer_nats::PublishJobError;
-use jetinfer_schemas::{decode_result, ErrorCode, Job, Outcome};
+use jetinfer_schemas::{decode_result, Embeddings, ErrorCode, JobError, Outcome};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 
 use crate::ClientConfig;
-use input::Line;
 pub use progress::ProgressMode;
 
 /// Results awaited at once by default.
 pub const DEFAULT_IN_FLIGHT: usize = 1024;
-/// Publishes awaiting their PubAck at once.
-const PUBLISH_CONCURRENCY: usize = 64;
 /// Checked lines buffered between the reading thread and the submitter.
-const LINE_BUFFER: usize = 256;
-/// How often files are flushed and the run record is written.
-const TICK: Duration = Duration::from_secs(1);
-/// Back-off while the jobs stream is full or JetStream does not answer.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+pub const LINE_BUFFER: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BulkError {
@@ -238,35 +230,89 @@ pub fn run_id(options: &SubmitOptions) -> Result<String, BulkError> {
     }
 }
 
-/// State shared by the submitter and the result writer.
-struct Shared {
-    /// `custom_id` keys with a result or an error reply written.
-    done: HashSet<u64>,
-    /// Keys published (or being published) and not yet answered.
-    in_flight: HashSet<u64>,
-}
-
-struct Context {
-    js: jetstream::Context,
+/// `jetinfer bulk submit`'s side of a run: the output and error files on
+/// disk, the run record in the tenant's bucket, the progress display, and
+/// the cancel mark polled every tick.
+struct FileDriver {
+    files: output::Files,
+    /// Line numbers an earlier invocation already wrote as refused.
+    refused_before: HashSet<u64>,
+    kv: jetstream::kv::Store,
     tenant: Tenant,
     run: String,
-    inbox: String,
-    shared: Arc<Mutex<Shared>>,
-    permits: Arc<Semaphore>,
+    record: RunRecord,
+    progress: progress::Progress,
+    /// Results and error replies found in the files at start.
+    resumed_ok: u64,
+    resumed_failed: u64,
+    cancelled: bool,
 }
 
-/// A line refused by the submitter, for the writer to record.
-struct Refusal {
-    line: u64,
-    custom_id: Option<String>,
-    code: &'static str,
-    message: String,
+impl FileDriver {
+    fn position(&self, counts: &run::Counts) -> (u64, u64) {
+        let failed = self.resumed_failed + counts.failed + counts.refused;
+        (self.resumed_ok + counts.ok + failed, failed)
+    }
 }
 
-#[derive(Default)]
-struct SubmitStats {
-    submitted: u64,
-    deduplicated: u64,
+impl run::Driver for FileDriver {
+    fn write_ok(&mut self, custom_id: &str, job_id: &str, e: &Embeddings) -> Result<(), BulkError> {
+        self.files.write_ok(custom_id, job_id, e)
+    }
+
+    fn write_failed(
+        &mut self,
+        custom_id: &str,
+        job_id: &str,
+        e: &JobError,
+    ) -> Result<(), BulkError> {
+        self.files.write_failed(custom_id, job_id, e)
+    }
+
+    fn write_refused(&mut self, refusal: &run::Refusal) -> Result<(), BulkError> {
+        if self.refused_before.contains(&refusal.line) {
+            return Ok(());
+        }
+        self.files.write_refused(
+            refusal.line,
+            refusal.custom_id.as_deref(),
+            refusal.code,
+            &refusal.message,
+        )
+    }
+
+    fn flush(&mut self) -> Result<(), BulkError> {
+        self.files.flush()
+    }
+
+    async fn tick(&mut self, counts: &run::Counts) -> run::Tick {
+        if counts.all_submitted && self.record.state == RunState::Submitting {
+            self.record.state = RunState::Waiting;
+        }
+        // Polled by key rather than watched: a tenant's producer may read
+        // its own keys of the bucket, and a watch would need a consumer
+        // whose filter the server cannot confine.
+        if !self.cancelled
+            && matches!(
+                bulk::is_cancelled(&self.kv, &self.tenant, &self.run).await,
+                Ok(true)
+            )
+        {
+            tracing::warn!(run = %self.run, "run cancelled: submitting no more lines");
+            self.cancelled = true;
+            self.record.state = RunState::Cancelled;
+        }
+        let (position, failed) = self.position(counts);
+        self.progress.update(position, failed);
+        self.record.malformed = counts.refused;
+        self.record.accepted = counts.accepted;
+        write_record(&self.kv, &self.tenant, &mut self.record).await;
+        if self.cancelled {
+            run::Tick::StopSubmitting
+        } else {
+            run::Tick::Go
+        }
+    }
 }
 
 /// Runs (or resumes) a bulk run to the end: every non-blank line of the input
@@ -291,7 +337,7 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
                 source,
             })?
     };
-    let (mut files, resumed) = output::open(&options.output, &errors, &hasher)?;
+    let (files, resumed) = output::open(&options.output, &errors, &hasher)?;
 
     let nats = jetinfer_nats::connect(&config.nats).await?;
     let js = jetstream::new(nats);
@@ -302,197 +348,92 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
     if bulk::is_cancelled(&kv, &tenant, &run).await? {
         return Err(BulkError::Cancelled(run));
     }
-    let inbox = subjects::bulk_inbox(&tenant, &run)?;
-    let (stored, mut results) = jetinfer_nats::results::follow(&js, &inbox)
-        .await
-        .map_err(BulkError::Results)?;
+    let opened = run::open(&js, &tenant, &run).await?;
 
-    let mut summary = Summary {
-        run: run.clone(),
-        lines: total,
-        ok: resumed.ok,
-        failed: resumed.failed,
-        already_done: resumed.ok + resumed.failed,
-        ..Summary::default()
-    };
-    let refused_before = resumed.refused_lines;
-    let shared = Arc::new(Mutex::new(Shared {
-        done: resumed.done,
-        in_flight: HashSet::new(),
-    }));
-    let permits = Arc::new(Semaphore::new(options.in_flight.max(1)));
-    let context = Arc::new(Context {
-        js: js.clone(),
-        tenant: tenant.clone(),
-        run: run.clone(),
-        inbox,
-        shared: Arc::clone(&shared),
-        permits: Arc::clone(&permits),
-    });
+    let already_done = resumed.ok + resumed.failed;
     let mut record = RunRecord {
         run: run.clone(),
         input: options.input.display().to_string(),
         output: options.output.display().to_string(),
         lines: total,
         malformed: 0,
-        accepted: summary.already_done,
+        accepted: already_done,
         state: RunState::Submitting,
         updated_unix_ms: 0,
     };
     write_record(&kv, &tenant, &mut record).await;
 
-    let stop = CancellationToken::new();
-    let (caught_up_tx, caught_up_rx) = oneshot::channel();
-    let mut caught_up_tx = Some(caught_up_tx);
-    let mut caught_up = stored == 0;
-    if caught_up {
-        let _ = caught_up_tx.take().map(|tx| tx.send(()));
-    }
-    let (refusals_tx, mut refusals) = mpsc::channel::<Refusal>(LINE_BUFFER);
-    let mut submitter = tokio::spawn(submit_lines(
-        Arc::clone(&context),
-        options.clone(),
+    let (lines_tx, lines) = mpsc::channel(LINE_BUFFER);
+    let reader = input::read(
+        options.input.clone(),
+        run.clone(),
+        options.model.clone(),
         hasher.clone(),
-        caught_up_rx,
-        refusals_tx,
-        stop.clone(),
-    ));
-    let mut progress = progress::Progress::new(options.progress, &run, total, summary.already_done);
-    let prefix = format!("{run}:");
-    let mut refusals_open = true;
-    let mut submit_stats = None;
-    let mut ticker = tokio::time::interval(TICK);
-    let position = |s: &Summary| s.ok + s.failed + s.refused;
-
-    let outcome: Result<(), BulkError> = loop {
-        if submit_stats.is_some()
-            && !refusals_open
-            && caught_up
-            && shared.lock().expect("shared lock").in_flight.is_empty()
-        {
-            break Ok(());
-        }
-        tokio::select! {
-            message = results.next() => {
-                let message = match message {
-                    Some(Ok(message)) => message,
-                    Some(Err(err)) => {
-                        tracing::warn!(error = %err, "reading results; the ordered consumer recovers");
-                        continue;
-                    }
-                    None => break Err(BulkError::Results("the results stream ended".into())),
-                };
-                let catching_up = !caught_up;
-                if catching_up && message.info().map(|i| i.pending == 0).unwrap_or(false) {
-                    caught_up = true;
-                    let _ = caught_up_tx.take().map(|tx| tx.send(()));
-                }
-                let result = match decode_result(&message.payload) {
-                    Ok(result) => result,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "undecodable result skipped");
-                        continue;
-                    }
-                };
-                let Some(custom_id) = result.job_id.strip_prefix(&prefix) else {
-                    continue;
-                };
-                let key = hasher.key(custom_id);
-                let new = {
-                    let mut shared = shared.lock().expect("shared lock");
-                    if shared.in_flight.remove(&key) {
-                        permits.add_permits(1);
-                    }
-                    shared.done.insert(key)
-                };
-                if !new {
-                    summary.duplicate_results += 1;
-                    continue;
-                }
-                let written = match &result.outcome {
-                    Outcome::Ok(e) => {
-                        summary.ok += 1;
-                        files.write_ok(custom_id, &result.job_id, e)
-                    }
-                    Outcome::Error(err) => {
-                        summary.failed += 1;
-                        files.write_failed(custom_id, &result.job_id, err)
-                    }
-                };
-                if let Err(err) = written {
-                    break Err(err);
-                }
-                if catching_up {
-                    summary.recovered += 1;
-                }
-            }
-            refusal = refusals.recv(), if refusals_open => match refusal {
-                Some(refusal) => {
-                    summary.refused += 1;
-                    if !refused_before.contains(&refusal.line) {
-                        if let Err(err) = files.write_refused(
-                            refusal.line,
-                            refusal.custom_id.as_deref(),
-                            refusal.code,
-                            &refusal.message,
-                        ) {
-                            break Err(err);
-                        }
-                    }
-                }
-                None => refusals_open = false,
-            },
-            joined = &mut submitter, if submit_stats.is_none() => {
-                match joined.expect("the submitter does not panic") {
-                    Ok(stats) => {
-                        submit_stats = Some(stats);
-                        if record.state == RunState::Submitting {
-                            record.state = RunState::Waiting;
-                        }
-                    }
-                    Err(err) => break Err(err),
-                }
-            }
-            _ = ticker.tick() => {
-                if let Err(err) = files.flush() {
-                    break Err(err);
-                }
-                // Polled by key rather than watched: a tenant's producer may
-                // read its own keys of the bucket, and a watch would need a
-                // consumer whose filter the server cannot confine.
-                if !summary.cancelled && matches!(bulk::is_cancelled(&kv, &tenant, &run).await, Ok(true)) {
-                    tracing::warn!(run = %run, "run cancelled: submitting no more lines");
-                    summary.cancelled = true;
-                    record.state = RunState::Cancelled;
-                    stop.cancel();
-                }
-                progress.update(position(&summary), summary.failed + summary.refused);
-                record.malformed = summary.refused;
-                record.accepted = {
-                    let shared = shared.lock().expect("shared lock");
-                    (shared.done.len() + shared.in_flight.len()) as u64
-                };
-                write_record(&kv, &tenant, &mut record).await;
-            }
-        }
+        lines_tx,
+    );
+    let mut driver = FileDriver {
+        files,
+        refused_before: resumed.refused_lines,
+        kv: kv.clone(),
+        tenant: tenant.clone(),
+        run: run.clone(),
+        record,
+        progress: progress::Progress::new(options.progress, &run, total, already_done),
+        resumed_ok: resumed.ok,
+        resumed_failed: resumed.failed,
+        cancelled: false,
     };
-    stop.cancel();
-    files.flush()?;
-    outcome?;
-
-    let stats = submit_stats.unwrap_or_default();
-    summary.submitted = stats.submitted;
-    summary.deduplicated = stats.deduplicated;
-    summary.seconds = started.elapsed().as_secs_f64();
-    let finished_now = position(&summary).saturating_sub(summary.already_done);
-    summary.lines_per_s = finished_now as f64 / summary.seconds.max(1e-3);
-    progress.finish(position(&summary), summary.failed + summary.refused);
-    record.malformed = summary.refused;
-    record.accepted = shared.lock().expect("shared lock").done.len() as u64;
-    if !summary.cancelled {
-        record.state = RunState::Finished;
+    let driven = run::drive(
+        opened,
+        lines,
+        resumed.done,
+        options.in_flight,
+        hasher,
+        &mut driver,
+    )
+    .await;
+    // The receiver is gone with the submitter: the reader stops.
+    let _ = reader.await;
+    let driven = driven?;
+    let counts = driven.counts;
+    if driven.stopped && !driver.cancelled {
+        // Stopped by a `cancelled` answer before a tick saw the mark.
+        driver.cancelled = bulk::is_cancelled(&kv, &tenant, &run).await.unwrap_or(true);
+        if driver.cancelled {
+            driver.record.state = RunState::Cancelled;
+        }
     }
-    write_record(&kv, &tenant, &mut record).await;
+
+    let summary = Summary {
+        run: run.clone(),
+        lines: total,
+        ok: resumed.ok + counts.ok,
+        failed: resumed.failed + counts.failed,
+        refused: counts.refused,
+        already_done,
+        recovered: counts.recovered,
+        submitted: counts.submitted,
+        deduplicated: counts.deduplicated,
+        duplicate_results: counts.duplicate_results,
+        cancelled: driver.cancelled,
+        seconds: started.elapsed().as_secs_f64(),
+        lines_per_s: 0.0,
+    };
+    let position = summary.ok + summary.failed + summary.refused;
+    let finished_now = position.saturating_sub(already_done);
+    let summary = Summary {
+        lines_per_s: finished_now as f64 / summary.seconds.max(1e-3),
+        ..summary
+    };
+    driver
+        .progress
+        .finish(position, summary.failed + summary.refused);
+    driver.record.malformed = summary.refused;
+    driver.record.accepted = counts.accepted;
+    if !summary.cancelled {
+        driver.record.state = RunState::Finished;
+    }
+    write_record(&kv, &tenant, &mut driver.record).await;
     Ok(summary)
 }
 
@@ -503,184 +444,6 @@ async fn write_record(kv: &jetstream::kv::Store, tenant: &Tenant, record: &mut R
         .unwrap_or_default();
     if let Err(err) = bulk::put_record(kv, tenant, record).await {
         tracing::warn!(error = %err, "writing the run record failed");
-    }
-}
-
-/// Reads the input and publishes each line that is not done yet, once the
-/// writer has caught up with the stored results.
-async fn submit_lines(
-    context: Arc<Context>,
-    options: SubmitOptions,
-    hasher: CustomIdHasher,
-    caught_up: oneshot::Receiver<()>,
-    refusals: mpsc::Sender<Refusal>,
-    stop: CancellationToken,
-) -> Result<SubmitStats, BulkError> {
-    let mut stats = SubmitStats::default();
-    tokio::select! {
-        _ = stop.cancelled() => return Ok(stats),
-        _ = caught_up => {}
-    }
-    let (lines_tx, mut lines) = mpsc::channel(LINE_BUFFER);
-    let reader = input::read(
-        options.input.clone(),
-        context.run.clone(),
-        options.model.clone(),
-        hasher,
-        lines_tx,
-    );
-    let mut models: HashMap<String, bool> = HashMap::new();
-    let mut publishing = FuturesUnordered::new();
-    let outcome = loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break Ok(()),
-            Some(published) = publishing.next(), if !publishing.is_empty() => match published {
-                Ok(Published::Stored { duplicate }) => {
-                    stats.submitted += 1;
-                    stats.deduplicated += u64::from(duplicate);
-                }
-                Ok(Published::NotServed { line, custom_id, model }) => {
-                    let _ = refusals.send(not_served(line, custom_id, &model)).await;
-                    models.insert(model, false);
-                }
-                Err(err) => break Err(err),
-            },
-            line = lines.recv(), if publishing.len() < PUBLISH_CONCURRENCY => {
-                let (line, custom_id, key, job) = match line {
-                    None => break Ok(()),
-                    Some(Line::Refused { line, custom_id, message }) => {
-                        let _ = refusals.send(Refusal { line, custom_id, code: "invalid_line", message }).await;
-                        continue;
-                    }
-                    Some(Line::Job { line, custom_id, key, job }) => (line, custom_id, key, job),
-                };
-                if models.get(&job.model) == Some(&false) {
-                    let _ = refusals.send(not_served(line, custom_id, &job.model)).await;
-                    continue;
-                }
-                let permit = tokio::select! {
-                    _ = stop.cancelled() => break Ok(()),
-                    permit = context.permits.acquire() => permit.expect("the semaphore is never closed"),
-                };
-                permit.forget();
-                {
-                    let mut shared = context.shared.lock().expect("shared lock");
-                    if shared.done.contains(&key) {
-                        context.permits.add_permits(1);
-                        continue;
-                    }
-                    shared.in_flight.insert(key);
-                }
-                publishing.push(publish(Arc::clone(&context), job, line, custom_id, key));
-            }
-        }
-    };
-    // Publishes under way finish either way: their results are awaited.
-    while let Some(published) = publishing.next().await {
-        match published {
-            Ok(Published::Stored { duplicate }) => {
-                stats.submitted += 1;
-                stats.deduplicated += u64::from(duplicate);
-            }
-            Ok(Published::NotServed {
-                line,
-                custom_id,
-                model,
-            }) => {
-                let _ = refusals.send(not_served(line, custom_id, &model)).await;
-            }
-            Err(err) => tracing::warn!(error = %err, "publishing failed"),
-        }
-    }
-    drop(lines);
-    let _ = reader.await;
-    outcome.map(|()| stats)
-}
-
-impl Context {
-    /// A job that will get no result (never stored): its key leaves the
-    /// in-flight set and its permit goes back.
-    fn never_answered(&self, key: u64) {
-        if self
-            .shared
-            .lock()
-            .expect("shared lock")
-            .in_flight
-            .remove(&key)
-        {
-            self.permits.add_permits(1);
-        }
-    }
-}
-
-/// What became of one line's job.
-enum Published {
-    /// JetStream holds it; `duplicate` when it already did.
-    Stored { duplicate: bool },
-    /// No stream listens on its model's subject: no worker serves the model.
-    NotServed {
-        line: u64,
-        custom_id: String,
-        model: String,
-    },
-}
-
-/// The refusal of a line whose model no worker serves.
-fn not_served(line: u64, custom_id: String, model: &str) -> Refusal {
-    Refusal {
-        line,
-        custom_id: Some(custom_id),
-        code: ErrorCode::UnknownModel.as_str(),
-        message: format!(
-            "line {line}: no worker serves model {model:?} on this server: check the model name or start a worker for it"
-        ),
-    }
-}
-
-/// Publishes one job, retrying while the stream is full or JetStream does not
-/// answer (same job id: a publish that did land is de-duplicated).
-async fn publish(
-    context: Arc<Context>,
-    job: Job,
-    line: u64,
-    custom_id: String,
-    key: u64,
-) -> Result<Published, BulkError> {
-    let mut delay = RETRY_MIN;
-    loop {
-        match jetinfer_nats::publish_bulk_job(
-            &context.js,
-            &context.tenant,
-            &job,
-            &context.inbox,
-            &context.run,
-        )
-        .await
-        {
-            Ok(ack) => {
-                return Ok(Published::Stored {
-                    duplicate: ack.duplicate,
-                })
-            }
-            Err(PublishJobError::NoStream) => {
-                context.never_answered(key);
-                return Ok(Published::NotServed {
-                    line,
-                    custom_id,
-                    model: job.model,
-                });
-            }
-            Err(err) if err.is_transient() || matches!(err, PublishJobError::QueueFull) => {
-                tracing::debug!(error = %err, "publish refused for now; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_MAX);
-            }
-            Err(source) => {
-                context.never_answered(key);
-                return Err(BulkError::Publish { custom_id, source });
-            }
-        }
     }
 }
 
