@@ -41,7 +41,7 @@ done
 
 tenant_max_file=${JETINFER_TENANT_MAX_FILE:-1G}
 tenant_max_mem=${JETINFER_TENANT_MAX_MEM:-64M}
-tenant_max_streams=${JETINFER_TENANT_MAX_STREAMS:-4}
+tenant_max_streams=${JETINFER_TENANT_MAX_STREAMS:-8}  # results, bulk runs, batch files, batch records (each KV bucket and object store is a stream), and room
 tenant_max_consumers=${JETINFER_TENANT_MAX_CONSUMERS:-1024}  # one per live Client (its inbox), per bulk-run reader, per catch-up
 tenant_max_connections=${JETINFER_TENANT_MAX_CONNECTIONS:-256}
 
