@@ -33,6 +33,7 @@
 pub mod bulk;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +135,17 @@ impl From<PublishJobError> for SubmitError {
 
 type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
 
+/// Where the dispatcher hands each result: the waiters by job id, and a
+/// count of results that found none.
+#[derive(Clone, Default)]
+struct Routes {
+    pending: Pending,
+    /// Results that reached this client for a job no caller waited for
+    /// (any more): a second result for one job, or one after its caller
+    /// timed out.
+    unawaited: Arc<AtomicU64>,
+}
+
 /// How long re-opening the results consumer keeps retrying in one go (while
 /// JetStream elects leaders after a server loss) before it logs and starts
 /// again: as long as a waiting job would wait by default.
@@ -159,7 +171,7 @@ async fn dispatch(
     inbox: String,
     mut results: jetstream::consumer::pull::Ordered,
     mut live: async_nats::Subscriber,
-    routes: Pending,
+    routes: Routes,
 ) {
     let mut seen = 0;
     loop {
@@ -209,15 +221,20 @@ async fn dispatch(
 }
 
 /// Hands a result to the caller waiting for its job, if any.
-fn route(pending: &Pending, payload: &[u8]) {
+fn route(routes: &Routes, payload: &[u8]) {
     match decode_result(payload) {
         Ok(result) => {
-            let waiter = pending.lock().expect("pending lock").remove(&result.job_id);
+            let waiter = routes
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&result.job_id);
             match waiter {
                 Some(waiter) => {
                     let _ = waiter.send(result);
                 }
                 None => {
+                    routes.unawaited.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(job = %result.job_id, "result nobody waits for (late or duplicate); dropped")
                 }
             }
@@ -237,6 +254,7 @@ struct Inner {
     tenant: Tenant,
     inbox: String,
     pending: Pending,
+    unawaited: Arc<AtomicU64>,
     config: ClientConfig,
     dispatcher: tokio::task::JoinHandle<()>,
 }
@@ -252,7 +270,7 @@ impl Client {
         let tenant = Tenant::new(config.tenant.clone())?;
         let nats = jetinfer_nats::connect(&config.nats).await?;
         let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
-        let pending: Pending = Arc::default();
+        let routes = Routes::default();
         let js = jetstream::new(nats.clone());
         jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
         // Made before any job names the inbox, and from its first result:
@@ -266,14 +284,15 @@ impl Client {
             inbox.clone(),
             results,
             live,
-            Arc::clone(&pending),
+            routes.clone(),
         ));
         Ok(Self {
             inner: Arc::new(Inner {
                 js,
                 tenant,
                 inbox,
-                pending,
+                pending: routes.pending,
+                unawaited: routes.unawaited,
                 config,
                 dispatcher,
             }),
@@ -283,6 +302,14 @@ impl Client {
     /// The subject results for this client arrive on.
     pub fn inbox(&self) -> &str {
         &self.inner.inbox
+    }
+
+    /// How many results reached this client for a job no caller waited for
+    /// any more (a second result for a job computed twice, or one that came
+    /// after its caller timed out); the client dropped them. A measure of
+    /// duplicates before de-duplication.
+    pub fn results_unawaited(&self) -> u64 {
+        self.inner.unawaited.load(Ordering::Relaxed)
     }
 
     /// Publishes `job`, waits until JetStream stored it, then waits for its
