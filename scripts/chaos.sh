@@ -12,5 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 jobs=${1:-50000}
 [[ $jobs =~ ^[0-9]+$ ]] && ((jobs >= 100)) || { echo "usage: $0 [jobs >= 100]" >&2; exit 2; }
 bash scripts/setup.sh
+# The echo backend's own panics (thread 'jetinfer-infer') are the injected
+# ones, caught by the worker; any other panic is shown.
 JETINFER_CHAOS_JOBS=$jobs cargo test --quiet -p jetinfer-worker --test chaos -- --nocapture 2>&1 |
-  grep -E "^chaos |panicked|faults, first|test result"
+  grep -E "^chaos |panicked|faults, first|test result" | grep -v "'jetinfer-infer'"

@@ -161,29 +161,19 @@ const RESUME_FOR: Duration = Duration::from_secs(120);
 /// exactly once per stream sequence, with no timing guess. A second result
 /// for one job (a job computed twice) finds no waiter and is dropped.
 ///
-/// A plain subscription on the inbox runs alongside: a worker whose result
-/// publish found no stream answering (JetStream's "no responders", which a
-/// stream leader election can also cause) falls back to a plain publish,
-/// delivered live or not at all, and acks the job; that result is never in
-/// the stream. Each stored result thus arrives twice; the second is dropped.
+/// No plain subscription is needed beside it: a worker stores every result
+/// on `results.>` or retries its job (`results::publish`), so a result this
+/// client can be sent is one the stream holds.
 async fn dispatch(
     js: jetstream::Context,
     inbox: String,
     mut results: jetstream::consumer::pull::Ordered,
-    mut live: async_nats::Subscriber,
     routes: Routes,
 ) {
     let mut seen = 0;
     loop {
         loop {
-            let message = tokio::select! {
-                message = results.next() => message,
-                Some(message) = live.next() => {
-                    route(&routes, &message.payload);
-                    continue;
-                }
-            };
-            match message {
+            match results.next().await {
                 Some(Ok(message)) => {
                     if let Ok(info) = message.info() {
                         seen = info.stream_sequence;
@@ -275,17 +265,10 @@ impl Client {
         jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
         // Made before any job names the inbox, and from its first result:
         // the inbox is fresh, so nothing is missed and nothing old is read.
-        let live = nats.subscribe(inbox.clone()).await?;
         let results = jetinfer_nats::results::follow_after(&js, &inbox, 0)
             .await
             .map_err(SubmitError::Results)?;
-        let dispatcher = tokio::spawn(dispatch(
-            js.clone(),
-            inbox.clone(),
-            results,
-            live,
-            routes.clone(),
-        ));
+        let dispatcher = tokio::spawn(dispatch(js.clone(), inbox.clone(), results, routes.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 js,
