@@ -317,16 +317,9 @@ impl NatsCluster {
                 route = route_ports[i],
                 routes = routes.join(", "),
             );
-            let path = dir.path().join(format!("{}.conf", names[i]));
+            let path = node_config(dir.path(), &names[i]);
             std::fs::write(&path, config).expect("writing node config");
-            let child = Command::new(server_binary())
-                .arg("-c")
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning nats-server node");
-            nodes.push(Some(child));
+            nodes.push(Some(spawn_node(&path)));
         }
         let cluster = Self {
             nodes,
@@ -335,14 +328,7 @@ impl NatsCluster {
             dir,
         };
         for &port in &cluster.client_ports {
-            let started = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    started.elapsed() < START_TIMEOUT,
-                    "cluster node on {port} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_node(port);
         }
         cluster
     }
@@ -357,19 +343,57 @@ impl NatsCluster {
 
     /// SIGKILLs the node named `name` (as reported in a stream's cluster info).
     pub fn kill(&mut self, name: &str) {
-        let index = self
-            .names
-            .iter()
-            .position(|n| n == name)
-            .unwrap_or_else(|| panic!("no node named {name}"));
+        let index = self.index(name);
         if let Some(mut child) = self.nodes[index].take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
+    /// Starts the killed node `name` again on its port and store; it
+    /// rejoins the cluster and catches up.
+    pub fn resume(&mut self, name: &str) {
+        let index = self.index(name);
+        if self.nodes[index].is_none() {
+            self.nodes[index] = Some(spawn_node(&node_config(self.dir.path(), name)));
+            wait_for_node(self.client_ports[index]);
+        }
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no node named {name}"))
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+fn node_config(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.conf"))
+}
+
+fn spawn_node(config: &Path) -> Child {
+    Command::new(server_binary())
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning nats-server node")
+}
+
+fn wait_for_node(port: u16) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < START_TIMEOUT,
+            "cluster node on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -34,6 +34,7 @@ pub mod batches;
 pub mod bulk;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,6 +136,17 @@ impl From<PublishJobError> for SubmitError {
 
 type Pending = Arc<Mutex<HashMap<JobId, oneshot::Sender<JobResult>>>>;
 
+/// Where the dispatcher hands each result: the waiters by job id, and a
+/// count of results that found none.
+#[derive(Clone, Default)]
+struct Routes {
+    pending: Pending,
+    /// Results that reached this client for a job no caller waited for
+    /// (any more): a second result for one job, or one after its caller
+    /// timed out.
+    unawaited: Arc<AtomicU64>,
+}
+
 /// How long re-opening the results consumer keeps retrying in one go (while
 /// JetStream elects leaders after a server loss) before it logs and starts
 /// again: as long as a waiting job would wait by default.
@@ -150,29 +162,19 @@ const RESUME_FOR: Duration = Duration::from_secs(120);
 /// exactly once per stream sequence, with no timing guess. A second result
 /// for one job (a job computed twice) finds no waiter and is dropped.
 ///
-/// A plain subscription on the inbox runs alongside: a worker whose result
-/// publish found no stream answering (JetStream's "no responders", which a
-/// stream leader election can also cause) falls back to a plain publish,
-/// delivered live or not at all, and acks the job; that result is never in
-/// the stream. Each stored result thus arrives twice; the second is dropped.
+/// No plain subscription is needed beside it: a worker stores every result
+/// on `results.>` or retries its job (`results::publish`), so a result this
+/// client can be sent is one the stream holds.
 async fn dispatch(
     js: jetstream::Context,
     inbox: String,
     mut results: jetstream::consumer::pull::Ordered,
-    mut live: async_nats::Subscriber,
-    routes: Pending,
+    routes: Routes,
 ) {
     let mut seen = 0;
     loop {
         loop {
-            let message = tokio::select! {
-                message = results.next() => message,
-                Some(message) = live.next() => {
-                    route(&routes, &message.payload);
-                    continue;
-                }
-            };
-            match message {
+            match results.next().await {
                 Some(Ok(message)) => {
                     if let Ok(info) = message.info() {
                         seen = info.stream_sequence;
@@ -210,15 +212,20 @@ async fn dispatch(
 }
 
 /// Hands a result to the caller waiting for its job, if any.
-fn route(pending: &Pending, payload: &[u8]) {
+fn route(routes: &Routes, payload: &[u8]) {
     match decode_result(payload) {
         Ok(result) => {
-            let waiter = pending.lock().expect("pending lock").remove(&result.job_id);
+            let waiter = routes
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&result.job_id);
             match waiter {
                 Some(waiter) => {
                     let _ = waiter.send(result);
                 }
                 None => {
+                    routes.unawaited.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(job = %Untrusted(&result.job_id), "result nobody waits for (late or duplicate); dropped")
                 }
             }
@@ -238,6 +245,7 @@ struct Inner {
     tenant: Tenant,
     inbox: String,
     pending: Pending,
+    unawaited: Arc<AtomicU64>,
     config: ClientConfig,
     dispatcher: tokio::task::JoinHandle<()>,
 }
@@ -253,28 +261,22 @@ impl Client {
         let tenant = Tenant::new(config.tenant.clone())?;
         let nats = jetinfer_nats::connect(&config.nats).await?;
         let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
-        let pending: Pending = Arc::default();
+        let routes = Routes::default();
         let js = jetstream::new(nats.clone());
         jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
         // Made before any job names the inbox, and from its first result:
         // the inbox is fresh, so nothing is missed and nothing old is read.
-        let live = nats.subscribe(inbox.clone()).await?;
         let results = jetinfer_nats::results::follow_after(&js, &inbox, 0)
             .await
             .map_err(SubmitError::Results)?;
-        let dispatcher = tokio::spawn(dispatch(
-            js.clone(),
-            inbox.clone(),
-            results,
-            live,
-            Arc::clone(&pending),
-        ));
+        let dispatcher = tokio::spawn(dispatch(js.clone(), inbox.clone(), results, routes.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 js,
                 tenant,
                 inbox,
-                pending,
+                pending: routes.pending,
+                unawaited: routes.unawaited,
                 config,
                 dispatcher,
             }),
@@ -284,6 +286,14 @@ impl Client {
     /// The subject results for this client arrive on.
     pub fn inbox(&self) -> &str {
         &self.inner.inbox
+    }
+
+    /// How many results reached this client for a job no caller waited for
+    /// any more (a second result for a job computed twice, or one that came
+    /// after its caller timed out); the client dropped them. A measure of
+    /// duplicates before de-duplication.
+    pub fn results_unawaited(&self) -> u64 {
+        self.inner.unawaited.load(Ordering::Relaxed)
     }
 
     /// Publishes `job`, waits until JetStream stored it, then waits for its

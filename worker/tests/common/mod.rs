@@ -5,6 +5,7 @@
 
 pub mod observe;
 pub mod observe_setup;
+pub mod runs;
 pub mod secured;
 
 use std::path::PathBuf;
