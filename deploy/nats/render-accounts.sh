@@ -23,7 +23,7 @@
 # its streams, consumers and bytes are bounded by its account's limits.
 #
 # Public NKeys come from the nats-server's environment: JETINFER_WORKER_NKEY,
-# JETINFER_OPS_NKEY and one JETINFER_PRODUCER_<TENANT>_NKEY per tenant
+# JETINFER_OPS_NKEY, JETINFER_GATEWAY_NKEY and one JETINFER_PRODUCER_<TENANT>_NKEY per tenant
 # (tenant upper-cased, '-' as '_'). Limits below can be overridden per run
 # with JETINFER_TENANT_MAX_FILE etc.
 set -euo pipefail
@@ -132,12 +132,22 @@ OPS = {
   }
 }
 
+# The HTTP gateway (jetinfer-gateway; not "GATEWAY", nats-server's own
+# block for superclusters): reads the jobs stream's info, whose
+# subjects are the served models (`GET /v1/models`), and nothing else. It
+# submits each tenant's jobs as that tenant's own user, never as this one.
+HTTP_GATEWAY = {
+  publish: { allow: ["$JS.API.STREAM.INFO.JETINFER_JOBS"] }
+  subscribe: { allow: ["_INBOX_gateway.>"] }
+}
+
 accounts {
   JETINFER {
     jetstream: enabled
     users: [
       { nkey: $JETINFER_WORKER_NKEY, permissions: $WORKER }
       { nkey: $JETINFER_OPS_NKEY, permissions: $OPS }
+      { nkey: $JETINFER_GATEWAY_NKEY, permissions: $HTTP_GATEWAY }
     ]
 EOF
 
