@@ -100,6 +100,9 @@ async fn embeddings_come_back_in_openai_shape_as_floats_or_base64_with_usage() {
     stack.stop().await;
 }
 
+/// What is sent, with which key, and the status and `code` that must come back.
+type Case<'a> = (&'a str, Option<&'a str>, &'a str, u16, Option<&'a str>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_of_every_kind_gets_an_openai_error_with_its_status() {
     let stack = Stack::start(BackendKind::Echo, |c| {
@@ -111,7 +114,7 @@ async fn bad_input_of_every_kind_gets_an_openai_error_with_its_status() {
     let many = serde_json::json!({"model": "minilm", "input": many}).to_string();
     let long = serde_json::json!({"model": "minilm", "input": "x".repeat(1001)}).to_string();
     let huge = serde_json::json!({"model": "minilm", "input": "y ".repeat(40_000)}).to_string();
-    let cases: Vec<(&str, Option<&str>, &str, u16, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "no key",
             None,
@@ -488,4 +491,38 @@ async fn a_job_slower_than_the_wait_is_504_saying_it_may_still_complete() {
         "{error}"
     );
     stack.stop().await;
+}
+
+#[test]
+fn print_config_shows_secret_files_by_path_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("acme.nk");
+    std::fs::write(&seed, "SUAM-NOT-A-REAL-SEED-BUT-SECRET").unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "keys_file = \"{0}/keys.toml\"\n[tenants.acme]\nauth = {{ kind = \"nkey\", seed_file = \"{1}\" }}\n",
+            dir.path().display(),
+            seed.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jetinfer-gateway"))
+        .args(["--config", config.to_str().unwrap(), "--print-config"])
+        .env("JETINFER_GATEWAY_LIMITS__MAX_INPUTS", "64")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(seed.to_str().unwrap()), "{text}");
+    assert!(
+        text.contains("max_inputs = 64"),
+        "the environment overrides: {text}"
+    );
+    assert!(!text.contains("SUAM-NOT-A-REAL-SEED"), "{text}");
 }
