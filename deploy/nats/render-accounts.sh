@@ -61,7 +61,7 @@ cat <<'EOF'
 # Who may do what on a shared jetinfer NATS server, included by
 # nats-secure.conf and nats-tls.conf. JETINFER holds the workers' streams
 # (JETINFER_JOBS, JETINFER_DLQ, JETINFER_CANCELS) and its users are the
-# workers and operators. Each tenant has an account of its own, holding its
+# workers, operators and the HTTP gateway's model catalogue. Each tenant has an account of its own, holding its
 # results stream and bulk-run bucket, and reaches JETINFER only through the
 # exports below. The server holds only public NKeys (no secret is in this
 # file); each client holds its seed (`nats.auth.kind = "nkey"`).
