@@ -23,7 +23,7 @@
 # its streams, consumers and bytes are bounded by its account's limits.
 #
 # Public NKeys come from the nats-server's environment: JETINFER_WORKER_NKEY,
-# JETINFER_OPS_NKEY and one JETINFER_PRODUCER_<TENANT>_NKEY per tenant
+# JETINFER_OPS_NKEY, JETINFER_GATEWAY_NKEY and one JETINFER_PRODUCER_<TENANT>_NKEY per tenant
 # (tenant upper-cased, '-' as '_'). Limits below can be overridden per run
 # with JETINFER_TENANT_MAX_FILE etc.
 set -euo pipefail
@@ -61,7 +61,7 @@ cat <<'EOF'
 # Who may do what on a shared jetinfer NATS server, included by
 # nats-secure.conf and nats-tls.conf. JETINFER holds the workers' streams
 # (JETINFER_JOBS, JETINFER_DLQ, JETINFER_CANCELS) and its users are the
-# workers and operators. Each tenant has an account of its own, holding its
+# workers, operators and the HTTP gateway's model catalogue. Each tenant has an account of its own, holding its
 # results stream and bulk-run bucket, and reaches JETINFER only through the
 # exports below. The server holds only public NKeys (no secret is in this
 # file); each client holds its seed (`nats.auth.kind = "nkey"`).
@@ -132,12 +132,22 @@ OPS = {
   }
 }
 
+# The HTTP gateway (jetinfer-gateway; not "GATEWAY", nats-server's own
+# block for superclusters): reads the jobs stream's info, whose
+# subjects are the served models (`GET /v1/models`), and nothing else. It
+# submits each tenant's jobs as that tenant's own user, never as this one.
+HTTP_GATEWAY = {
+  publish: { allow: ["$JS.API.STREAM.INFO.JETINFER_JOBS"] }
+  subscribe: { allow: ["_INBOX_gateway.>"] }
+}
+
 accounts {
   JETINFER {
     jetstream: enabled
     users: [
       { nkey: $JETINFER_WORKER_NKEY, permissions: $WORKER }
       { nkey: $JETINFER_OPS_NKEY, permissions: $OPS }
+      { nkey: $JETINFER_GATEWAY_NKEY, permissions: $HTTP_GATEWAY }
     ]
 EOF
 

@@ -57,6 +57,13 @@ pub mod names {
     pub const GPU_MEMORY_USED: &str = "jetinfer_gpu_memory_used_bytes";
     pub const GPU_MEMORY_TOTAL: &str = "jetinfer_gpu_memory_total_bytes";
 
+    /// The gateway's (`jetinfer-gateway`): requests by route, status and
+    /// model (served models only; empty otherwise), their duration by route,
+    /// and requests being answered now.
+    pub const GATEWAY_REQUESTS: &str = "jetinfer_gateway_requests_total";
+    pub const GATEWAY_REQUEST_DURATION: &str = "jetinfer_gateway_request_duration_seconds";
+    pub const GATEWAY_IN_FLIGHT: &str = "jetinfer_gateway_in_flight_requests";
+
     pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
     pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
     pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
@@ -105,6 +112,7 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
         (names::QUEUE_WAIT, LATENCY_BUCKETS),
         (names::END_TO_END, LATENCY_BUCKETS),
         (names::INFERENCE, LATENCY_BUCKETS),
+        (names::GATEWAY_REQUEST_DURATION, LATENCY_BUCKETS),
         (names::BATCH_SIZE, BATCH_SIZE_BUCKETS),
         (names::BATCH_PADDED_TOKENS, PADDED_TOKEN_BUCKETS),
         (names::BATCH_PADDING_WASTE, RATIO_BUCKETS),
@@ -224,6 +232,19 @@ fn describe() {
         GPU_MEMORY_TOTAL,
         Unit::Bytes,
         "GPU memory on the worker's device (CUDA builds only)"
+    );
+    describe_counter!(
+        GATEWAY_REQUESTS,
+        "HTTP requests the gateway answered, by route, status and model (served models only)"
+    );
+    describe_histogram!(
+        GATEWAY_REQUEST_DURATION,
+        Unit::Seconds,
+        "From a request's head read to its response, by route"
+    );
+    describe_gauge!(
+        GATEWAY_IN_FLIGHT,
+        "HTTP requests the gateway is answering now"
     );
     describe_gauge!(
         PROCESS_CPU,
@@ -395,4 +416,18 @@ pub fn record_stream(stream: &str, bytes: u64, max_bytes: i64, messages: u64, ma
 pub fn record_gpu_memory(device: usize, used_bytes: u64, total_bytes: u64) {
     gauge!(names::GPU_MEMORY_USED, "device" => device.to_string()).set(used_bytes as f64);
     gauge!(names::GPU_MEMORY_TOTAL, "device" => device.to_string()).set(total_bytes as f64);
+}
+
+/// A gateway request began.
+pub fn gateway_request_started() {
+    gauge!(names::GATEWAY_IN_FLIGHT).increment(1.0);
+}
+
+/// A gateway request was answered: `route` is the matched route pattern,
+/// `model` a served model or empty.
+pub fn gateway_request_finished(route: &str, status: u16, model: &str, took: Duration) {
+    gauge!(names::GATEWAY_IN_FLIGHT).decrement(1.0);
+    counter!(names::GATEWAY_REQUESTS, "route" => route.to_string(), "status" => status.to_string(), "model" => model.to_string()).increment(1);
+    histogram!(names::GATEWAY_REQUEST_DURATION, "route" => route.to_string())
+        .record(took.as_secs_f64());
 }

@@ -296,6 +296,11 @@ impl Client {
         self.inner.unawaited.load(Ordering::Relaxed)
     }
 
+    /// Whether the client's NATS connection is up now (for readiness probes).
+    pub fn connected(&self) -> bool {
+        self.inner.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Publishes `job`, waits until JetStream stored it, then waits for its
     /// result (embeddings or a typed error) up to the configured timeout.
     pub async fn submit(&self, job: Job) -> Result<JobResult, SubmitError> {

@@ -145,6 +145,10 @@ struct EmbedArgs {
     /// Refuse over-long inputs instead of truncating them.
     #[arg(long)]
     reject_long: bool,
+    /// Keep the first N dimensions of each embedding (re-normalised unless
+    /// --no-normalize); more than the model's width is refused.
+    #[arg(long, value_name = "N")]
+    dimensions: Option<u32>,
     /// Jobs awaiting results at once when reading stdin.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -413,6 +417,7 @@ async fn embed(client: &Client, args: EmbedArgs) -> anyhow::Result<std::process:
         } else {
             Truncation::Truncate
         },
+        dimensions: args.dimensions,
     };
     let jobs: Vec<Job> = if args.texts.is_empty() {
         std::io::stdin()

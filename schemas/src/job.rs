@@ -28,6 +28,13 @@ pub struct JobOptions {
     /// L2-normalise each embedding (cosine similarity becomes a dot product).
     pub normalize: bool,
     pub truncation: Truncation,
+    /// Keep only the first `dimensions` values of each embedding (then
+    /// normalise, when `normalize` is set), as OpenAI's `dimensions` asks.
+    /// Absent on the wire when not set, so older producers and workers are
+    /// unaffected. 0 is refused by [`Job::validate`], more than the model's
+    /// width by [`JobOptions::check_dimensions`] (the worker knows the width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
 }
 
 impl Default for JobOptions {
@@ -35,6 +42,20 @@ impl Default for JobOptions {
         Self {
             normalize: true,
             truncation: Truncation::Truncate,
+            dimensions: None,
+        }
+    }
+}
+
+impl JobOptions {
+    /// Checks `dimensions` against the width of the model's embeddings.
+    pub fn check_dimensions(&self, width: u32) -> Result<(), JobError> {
+        match self.dimensions {
+            Some(n) if n == 0 || n > width => Err(JobError::new(
+                ErrorCode::InvalidInput,
+                format!("dimensions is {n}; this model's embeddings have 1 to {width}"),
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -104,6 +125,12 @@ impl Job {
             return Err(JobError::new(
                 ErrorCode::InvalidInput,
                 format!("model name must be 1 to {MAX_MODEL_NAME_LEN} bytes"),
+            ));
+        }
+        if self.options.dimensions == Some(0) {
+            return Err(JobError::new(
+                ErrorCode::InvalidInput,
+                "dimensions is 0: ask for at least 1, or leave it out for the model's full width",
             ));
         }
         if self.inputs.is_empty() {

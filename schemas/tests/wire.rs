@@ -31,6 +31,7 @@ fn job_round_trips_through_messagepack() {
         .with_options(JobOptions {
             normalize: false,
             truncation: Truncation::Reject,
+            dimensions: Some(8),
         })
         .with_deadline_unix_ms(1_700_000_000_000);
     let decoded = decode_job(&encode_job(&job), &Limits::default()).unwrap();
@@ -262,6 +263,7 @@ proptest! {
         let mut job = Job::new(model, inputs).with_id(id).with_options(JobOptions {
             normalize,
             truncation: Truncation::Truncate,
+            dimensions: None,
         });
         job.deadline_unix_ms = deadline;
         let decoded = decode_job(&encode_job(&job), &Limits::default()).unwrap();
@@ -278,4 +280,52 @@ proptest! {
             let _ = job.validate(&Limits::default());
         }
     }
+}
+
+#[test]
+fn dimensions_stay_off_the_wire_unless_asked_so_older_workers_read_the_job() {
+    let plain = encode_job(&Job::new("minilm", vec!["a".into()]));
+    assert!(!plain.windows(10).any(|w| w == b"dimensions"));
+
+    let asked = Job::new("minilm", vec!["a".into()]).with_options(JobOptions {
+        dimensions: Some(64),
+        ..JobOptions::default()
+    });
+    let bytes = encode_job(&asked);
+    assert_eq!(
+        decode_job(&bytes, &Limits::default())
+            .unwrap()
+            .options
+            .dimensions,
+        Some(64)
+    );
+    // A reader built before `dimensions` existed ignores it.
+    #[derive(serde::Deserialize)]
+    struct OldOptions {
+        normalize: bool,
+    }
+    #[derive(serde::Deserialize)]
+    struct OldJob {
+        options: OldOptions,
+    }
+    let old: OldJob = rmp_serde::from_slice(&bytes).unwrap();
+    assert!(old.options.normalize);
+}
+
+#[test]
+fn dimensions_of_zero_or_past_the_model_width_are_invalid_input() {
+    let job = |n| {
+        Job::new("minilm", vec!["a".into()]).with_options(JobOptions {
+            dimensions: Some(n),
+            ..JobOptions::default()
+        })
+    };
+    let zero = job(0).validate(&Limits::default()).unwrap_err();
+    assert_eq!(zero.code, ErrorCode::InvalidInput);
+    assert!(job(384).validate(&Limits::default()).is_ok());
+    assert!(job(384).options.check_dimensions(384).is_ok());
+    let wide = job(385).options.check_dimensions(384).unwrap_err();
+    assert_eq!(wide.code, ErrorCode::InvalidInput);
+    assert!(wide.message.contains("384"), "{}", wide.message);
+    assert!(JobOptions::default().check_dimensions(384).is_ok());
 }

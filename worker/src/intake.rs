@@ -152,6 +152,14 @@ impl Intake {
             reply_to,
             tenant,
         } = screened;
+        // Needs the model's width, which only the backend knows: invalid
+        // input like screen's refusals, so kept as a dead letter too.
+        if let Err(error) = job.options.check_dimensions(self.backend.info().dimension) {
+            self.settler
+                .give_up(&delivery, Some(&reply_to), &job.id, error, true)
+                .await;
+            return None;
+        }
         let cancel_flag = self.cancel_flag(delivery.subject(), headers.bulk_run.as_deref());
         if crate::cancel::is_cancelled(&cancel_flag) {
             // Answered, not poison: no dead letter. Before the rate limit,

@@ -132,6 +132,12 @@ impl InFlightJob {
 
     /// Records input `input`'s embedding; true when it was the job's last one.
     pub fn complete_input(&self, input: usize, mut embedding: Vec<f32>, run: BatchRun) -> bool {
+        // Truncated first, then normalised: OpenAI's `dimensions` gives
+        // unit vectors of the first N values (checked at intake to be
+        // within the model's width).
+        if let Some(n) = self.options.dimensions {
+            embedding.truncate(n as usize);
+        }
         if self.options.normalize {
             l2_normalize(&mut embedding);
         }

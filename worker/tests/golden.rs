@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use jetinfer_bert::Matmul;
 use jetinfer_nats::testing::NatsServer;
-use jetinfer_schemas::Job;
+use jetinfer_schemas::{ErrorCode, Job, JobOptions};
 use jetinfer_worker::backend::l2_normalize;
 use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind};
 use jetinfer_worker::load_backend;
@@ -119,6 +119,74 @@ async fn golden_texts_match_reference_embeddings_as_single_and_multi_text_jobs()
         offset += chunk.len();
     }
     assert_eq!(offset, golden.texts.len());
+    worker.shutdown().await;
+}
+
+/// The reference vector's first `n` values, normalised again.
+fn truncated_reference(want: &[f32], n: usize) -> Vec<f32> {
+    let mut v = want[..n].to_vec();
+    l2_normalize(&mut v);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimensions_keep_the_first_n_values_renormalised_and_out_of_range_is_a_typed_error() {
+    let golden = golden();
+    let server = NatsServer::start();
+    let config = worker_config(&server, BackendKind::Candle, BatchConfig::default());
+    let backend = load_backend(&config.model).expect("model loads");
+    let width = backend.info().dimension;
+    let worker = start_worker(config, backend).await;
+    let client = client(&server).await;
+    let with_dimensions = |n| JobOptions {
+        dimensions: Some(n),
+        ..JobOptions::default()
+    };
+
+    for n in [1u32, 64, 200, width] {
+        let result = client
+            .submit(Job::new("minilm", golden.texts[..8].to_vec()).with_options(with_dimensions(n)))
+            .await
+            .expect("submitted")
+            .into_result()
+            .expect("embedded");
+        for (i, got) in result.embeddings.iter().enumerate() {
+            assert_eq!(got.len(), n as usize, "dimensions {n}");
+            let want = truncated_reference(&golden.embeddings[i], n as usize);
+            assert_matches(&golden.texts[i], got, &want);
+        }
+    }
+    // Without normalising, the first n raw values, unchanged in direction.
+    let raw = client
+        .submit(
+            Job::new("minilm", vec![golden.texts[11].clone()]).with_options(JobOptions {
+                normalize: false,
+                dimensions: Some(32),
+                ..JobOptions::default()
+            }),
+        )
+        .await
+        .expect("submitted")
+        .into_result()
+        .expect("embedded");
+    assert_eq!(raw.embeddings[0].len(), 32);
+    let cos = cosine(&raw.embeddings[0], &golden.embeddings[11][..32]);
+    assert!(cos >= MIN_COSINE, "cosine {cos}");
+
+    for n in [0, width + 1, u32::MAX] {
+        let error = client
+            .submit(Job::new("minilm", vec!["hello".into()]).with_options(with_dimensions(n)))
+            .await
+            .expect("submitted")
+            .into_result()
+            .expect_err("refused");
+        assert_eq!(
+            error.code,
+            ErrorCode::InvalidInput,
+            "dimensions {n}: {error}"
+        );
+        assert!(error.message.contains("dimensions"), "{}", error.message);
+    }
     worker.shutdown().await;
 }
 

@@ -197,6 +197,7 @@ async fn invalid_jobs_get_typed_errors_are_settled_and_the_worker_keeps_serving(
                     .with_options(JobOptions {
                         normalize: true,
                         truncation: Truncation::Reject,
+                        dimensions: None,
                     }),
             ),
             ErrorCode::InputTooLong,

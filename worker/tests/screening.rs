@@ -104,6 +104,7 @@ fn job_bytes() -> impl Strategy<Value = Vec<u8>> {
                     } else {
                         Truncation::Truncate
                     },
+                    dimensions: None,
                 });
             job.deadline_unix_ms = deadline;
             encode_job(&job)

@@ -15,9 +15,10 @@ use jetinfer_nats::{Auth, NatsConfig, TlsConfig};
 
 /// The roles of `accounts.conf`: user name in tests, the environment
 /// variable its public key comes from, and its inbox prefix.
-pub const ROLES: [(&str, &str, &str); 4] = [
+pub const ROLES: [(&str, &str, &str); 5] = [
     ("worker", "JETINFER_WORKER_NKEY", "_INBOX_worker"),
     ("ops", "JETINFER_OPS_NKEY", "_INBOX_ops"),
+    ("gateway", "JETINFER_GATEWAY_NKEY", "_INBOX_gateway"),
     ("acme", "JETINFER_PRODUCER_ACME_NKEY", "_INBOX_acme"),
     ("globex", "JETINFER_PRODUCER_GLOBEX_NKEY", "_INBOX_globex"),
 ];

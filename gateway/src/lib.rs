@@ -1,0 +1,367 @@
+//! jetinfer's OpenAI-compatible front door: `POST /v1/embeddings` and
+//! `GET /v1/models` over the producer library, for services that already
+//! speak OpenAI's API. It never touches worker internals: a request becomes
+//! one job, published through its tenant's [`jetinfer_producer::Client`].
+//!
+//! The gateway is the trust boundary for callers without NATS credentials:
+//! each API key (or JWT) maps to a tenant, the gateway holds that tenant's
+//! NATS identity (one `Client` per tenant, as `deploy/nats/render-accounts.sh`
+//! issues them), and nothing from the request but the texts and options
+//! reaches NATS.
+//!
+//! Reading order: [`config`] → [`serve`] (listener, TLS, connection limits)
+//! → [`edge`] (timeouts, metrics, CORS, security headers) → [`auth`] (the
+//! [`auth::Caller`] extractor) → [`rate_limit`] → [`embeddings`]; beside
+//! them [`models`] (the catalogue), [`error`] (every refusal, OpenAI-shaped)
+//! and [`openai`] (the wire types).
+//!
+//! Adding a route (the Batch API): take [`auth::Caller`] as an extractor; it
+//! carries the tenant's [`TenantHandle`], the key id and role.
+
+pub mod auth;
+pub mod config;
+pub mod edge;
+pub mod embeddings;
+pub mod error;
+pub mod jwt_crypto;
+pub mod models;
+pub mod openai;
+pub mod rate_limit;
+pub mod serve;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jetinfer_monitoring::PrometheusHandle;
+use jetinfer_producer::{Client, ClientConfig};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::auth::{Caller, Credentials};
+use crate::config::GatewayConfig;
+use crate::error::ApiError;
+use crate::models::Catalog;
+use crate::openai::{Model, ModelList};
+use crate::rate_limit::{KeyLimits, Limiter};
+
+/// One tenant as the gateway serves it: its NATS identity and its limit.
+pub struct TenantHandle {
+    pub name: String,
+    pub client: Client,
+    /// The tenant's cost limit over all its keys, if configured.
+    pub limiter: Option<Limiter>,
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<GatewayConfig>,
+    pub tenants: Arc<HashMap<String, Arc<TenantHandle>>>,
+    pub credentials: Credentials,
+    pub jwt: Option<Arc<config::JwtConfig>>,
+    pub key_limits: Arc<KeyLimits>,
+    pub catalog: Catalog,
+    pub metrics: PrometheusHandle,
+    /// SHA-256 of the `/metrics` token, when one is configured.
+    pub metrics_token: Option<[u8; 32]>,
+    /// Cancelled when the gateway stops: `/readyz` turns 503 at once.
+    pub stopping: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("tenant {tenant:?}: {source}")]
+    Tenant {
+        tenant: String,
+        source: jetinfer_producer::SubmitError,
+    },
+    #[error(transparent)]
+    Keys(#[from] auth::KeysError),
+    #[error(transparent)]
+    Tls(#[from] serve::TlsError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reading the metrics token file: {0}")]
+    MetricsToken(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] jetinfer_monitoring::InstallError),
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "jetinfer gateway", description = "OpenAI-compatible embeddings over a JetStream queue"),
+    paths(embeddings::create, list_models, get_model),
+    components(schemas(
+        openai::EmbeddingsRequest, openai::EmbeddingsResponse, openai::EmbeddingData,
+        openai::EncodingFormat, openai::Usage, openai::ModelList, openai::Model,
+        openai::ErrorBody, openai::ErrorDetail
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub local_addr: SocketAddr,
+    pub state: AppState,
+    stop: CancellationToken,
+    serving: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Connects every tenant, loads the keys, binds and serves.
+    pub async fn start(config: GatewayConfig) -> Result<Self, StartError> {
+        let metrics = jetinfer_monitoring::install()?;
+        jwt_crypto::install();
+        let stop = CancellationToken::new();
+        let mut tenants = HashMap::new();
+        for (name, tenant) in &config.tenants {
+            let client = Client::connect(ClientConfig {
+                nats: config.tenant_nats(name, tenant),
+                tenant: name.clone(),
+                timeout: config.limits.job_timeout,
+                ..ClientConfig::default()
+            })
+            .await
+            .map_err(|source| StartError::Tenant {
+                tenant: name.clone(),
+                source,
+            })?;
+            tenants.insert(
+                name.clone(),
+                Arc::new(TenantHandle {
+                    name: name.clone(),
+                    client,
+                    limiter: tenant.rate.and_then(Limiter::new),
+                }),
+            );
+        }
+        let credentials = Credentials::default();
+        if let Some(keys) = &config.keys_file {
+            let count = credentials.reload_keys(keys)?;
+            tracing::info!(keys = count, "API keys loaded");
+        }
+        if let Some(jwt) = &config.jwt {
+            credentials.reload_jwks(&jwt.jwks_file)?;
+        }
+        let metrics_token = match &config.metrics_token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path).map_err(StartError::MetricsToken)?;
+                Some(Sha256::digest(token.trim().as_bytes()).into())
+            }
+            None => None,
+        };
+        let catalog = Catalog::default();
+        if let Some(nats) = config.discovery_nats() {
+            tokio::spawn(catalog.clone().follow(
+                nats,
+                config.discovery.stream.clone(),
+                config.discovery.refresh,
+                stop.clone(),
+            ));
+        }
+        tokio::spawn(auth::watch(
+            credentials.clone(),
+            config.keys_file.clone(),
+            config.jwt.as_ref().map(|j| j.jwks_file.clone()),
+            config.reload_interval,
+            stop.clone(),
+        ));
+        let tls = config.tls.as_ref().map(serve::tls_acceptor).transpose()?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let state = AppState {
+            jwt: config.jwt.clone().map(Arc::new),
+            config: Arc::new(config.clone()),
+            tenants: Arc::new(tenants),
+            credentials,
+            key_limits: Arc::default(),
+            catalog,
+            metrics,
+            metrics_token,
+            stopping: stop.clone(),
+        };
+        let listener = serve::Listener {
+            listener,
+            tls: tls.clone(),
+            limits: config.limits.clone(),
+        };
+        let local_addr = listener.local_addr();
+        let app = router(state.clone(), tls.is_some());
+        let serving = tokio::spawn(listener.run(app, stop.clone()));
+        tracing::info!(addr = %local_addr, tls = tls.is_some(), "gateway listening");
+        Ok(Self {
+            local_addr,
+            state,
+            stop,
+            serving,
+        })
+    }
+
+    /// Stops accepting, lets requests in flight finish (within
+    /// `limits.shutdown_grace`), then returns.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.serving.await;
+    }
+
+    /// The token whose cancelling starts [`Gateway::shutdown`]'s drain.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Waits until serving has ended (after the stop token is cancelled).
+    pub async fn stopped(self) {
+        let _ = self.serving.await;
+    }
+}
+
+/// Every route, wrapped in the edge layers.
+pub fn router(state: AppState, tls: bool) -> Router {
+    let edge = edge::EdgeState {
+        tls,
+        allowed_origins: Arc::new(state.config.cors.allowed_origins.clone()),
+        request_timeout: state.config.limits.request_timeout,
+    };
+    Router::new()
+        .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "Unknown request URL",
+            )
+            .code("unknown_url")
+        })
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            edge::timeout,
+        ))
+        .layer(axum::middleware::from_fn(edge::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            edge::cors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            edge,
+            edge::security_headers,
+        ))
+}
+
+fn model_object(id: String) -> Model {
+    Model {
+        id,
+        object: "model",
+        created: 0,
+        owned_by: "jetinfer",
+    }
+}
+
+/// The models workers serve (see [`models`]).
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)), security(("bearer" = [])))]
+pub async fn list_models(State(state): State<AppState>, _caller: Caller) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: state
+            .catalog
+            .models()
+            .into_iter()
+            .map(model_object)
+            .collect(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path)), responses((status = 200, body = Model), (status = 404, body = openai::ErrorBody)), security(("bearer" = [])))]
+pub async fn get_model(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    if state.catalog.contains(&id) {
+        Ok(Json(model_object(id)))
+    } else {
+        Err(ApiError::model_not_found(&id))
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// 200 while every tenant's connection and the catalogue's are up and the
+/// gateway is not stopping; 503 with the reasons otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if state.stopping.is_cancelled() {
+        reasons.push("stopping".to_string());
+    }
+    for (name, tenant) in state.tenants.iter() {
+        if !tenant.client.connected() {
+            reasons.push(format!("tenant {name}: not connected to NATS"));
+        }
+    }
+    if !state.catalog.connected() {
+        reasons.push("model catalogue: not connected to NATS".into());
+    }
+    if reasons.is_empty() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n")).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(want) = state.metrics_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+        if presented != Some(want) {
+            return ApiError::unauthorized("/metrics needs its bearer token").into_response();
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        jetinfer_monitoring::render(&state.metrics),
+    )
+        .into_response()
+}
