@@ -10,7 +10,8 @@
 //! What the gateway is given is what the deployment files give it
 //! (deploy/gateway/gateway.toml, deploy/k8s/gateway-configmap.yaml):
 //! `--config FILE` with `listen`, `keys_file`, `[nats] urls` and the tenant
-//! it submits for (`[tenants.default]`: one account, no credentials), and a
+//! it submits for (`[tenants.default]`: one account, no credentials), the
+//! model catalogue (`[discovery]`, anonymous), and a
 //! keys file of `[[keys]]` entries (`id`, `sha256` of the key, `tenant`,
 //! `role`).
 
@@ -102,7 +103,8 @@ impl Gateway {
             &config,
             format!(
                 "listen = \"{addr}\"\nkeys_file = \"{}\"\n\n\
-                 [nats]\nurls = [\"{}\"]\n\n[tenants.default]\n",
+                 [nats]\nurls = [\"{}\"]\n\n[tenants.default]\n\n\
+                 [discovery]\nauth = {{ kind = \"none\" }}\n",
                 keys.display(),
                 server.url()
             ),
