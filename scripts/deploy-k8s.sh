@@ -6,8 +6,9 @@
 #   scripts/deploy-k8s.sh ghcr.io/<owner>/jetinfer-worker:sha-<commit>
 #
 # 1. renders deploy/k8s with the new image into applied.yaml (a throwaway
-#    kustomize overlay: the image, $NAMESPACE, and a pod annotation with the
-#    ConfigMap's SHA-256, so a configuration change alone rolls the pods too);
+#    kustomize overlay: the image, the gateway's image of the same tag,
+#    $NAMESPACE, and a pod annotation with the ConfigMaps' SHA-256, so a
+#    configuration change alone rolls the pods too);
 # 2. records each of those objects as it is now: the configuration last
 #    applied to it (the annotation every `kubectl apply` leaves), with the
 #    Deployment's image set to the one it runs (a `kubectl set image` since
@@ -17,13 +18,17 @@
 #    CLI, as tenant $CHECK_TENANT, with the NATS credentials of the Secret
 #    jetinfer-deploy-check-nats if there is one (keys as for the workers'
 #    jetinfer-worker-nats: auth_kind, seed, inbox_prefix; deployment.yaml);
+#    and waits for the gateway's rollout when its keys Secret exists
+#    (without it its pods wait for the Secret: said, not failed);
 # 4. if the apply or any check fails: applies the recorded configurations
 #    again, deletes the objects this run created, waits for that rollout, and
 #    exits 1.
 # The Namespace object is applied but neither recorded nor ever deleted. A
 # first deployment that fails stays in place: there is nothing to go back to.
 #
-# Env: NAMESPACE (jetinfer), NATS_URL (the Helm chart's client service),
+# Env: NAMESPACE (jetinfer), GATEWAY_IMAGE (IMAGE with jetinfer-worker
+# replaced by jetinfer-gateway: docker.yml pushes both with the same tags),
+# NATS_URL (the Helm chart's client service),
 # CHECK_TENANT (deploy-check), ROLLOUT_TIMEOUT (10m), DEPLOY_RECORD (a
 # directory that keeps applied.yaml, previous/ and created.txt, e.g. for a CI
 # artifact; default: a temporary one).
@@ -39,6 +44,17 @@ case "$image" in
   *) die "give the image with its tag, got '$image'" ;;
 esac
 namespace=${NAMESPACE:-jetinfer}
+case "$image" in
+  */jetinfer-worker:*) default_gateway_image=${image%/jetinfer-worker:*}/jetinfer-gateway:${image##*:} ;;
+  *) default_gateway_image= ;;
+esac
+gateway_image=${GATEWAY_IMAGE:-$default_gateway_image}
+[ -n "$gateway_image" ] || die "'$image' is not .../jetinfer-worker:TAG: name the gateway's image in GATEWAY_IMAGE"
+case "$gateway_image" in
+  *[!A-Za-z0-9._/:-]*) die "GATEWAY_IMAGE '$gateway_image' is not an image name" ;;
+  *:*) ;;
+  *) die "give GATEWAY_IMAGE with its tag, got '$gateway_image'" ;;
+esac
 nats_url=${NATS_URL:-nats://nats.nats.svc.cluster.local:4222}
 tenant=${CHECK_TENANT:-deploy-check}
 timeout=${ROLLOUT_TIMEOUT:-10m}
@@ -47,6 +63,8 @@ timeout=${ROLLOUT_TIMEOUT:-10m}
 [[ $nats_url =~ ^[a-z]+://[A-Za-z0-9.:,/_-]+$ ]] || die "NATS_URL '$nats_url' is not a NATS URL (list)"
 [[ $tenant =~ ^[a-z0-9][a-z0-9_-]{0,63}$ ]] || die "CHECK_TENANT '$tenant' is not a tenant name"
 deployment=deployment/jetinfer-worker
+gateway_deployment=deployment/jetinfer-gateway
+gateway_keys_secret=jetinfer-gateway-keys
 check_secret=jetinfer-deploy-check-nats
 kc=(kubectl --namespace "$namespace")
 
@@ -65,6 +83,8 @@ live_image() {
 
 # --- 1. render ---------------------------------------------------------------
 base_image=$(sed -n 's/^ *newName: *//p' deploy/k8s/kustomization.yaml | head -1)
+gateway_base_image=$(sed -n 's/^ *newName: *\(.*\/jetinfer-gateway\)$/\1/p' deploy/k8s/kustomization.yaml | head -1)
+[ -n "$gateway_base_image" ] || die "deploy/k8s/kustomization.yaml names no jetinfer-gateway image"
 overlay_for() { # config sha-256 (empty: no annotation) -> kustomization.yaml
   cat <<YAML
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -75,13 +95,16 @@ resources:
 images:
   - name: ${base_image}
     newName: ${image%:*}
-    newTag: ${image##*:}
+    newTag: "${image##*:}"
+  - name: ${gateway_base_image}
+    newName: ${gateway_image%:*}
+    newTag: "${gateway_image##*:}"
 YAML
   [ -z "$1" ] || cat <<YAML
 patches:
   - target:
       kind: Deployment
-      name: jetinfer-worker
+      name: jetinfer-(worker|gateway)
     patch: |-
       - op: add
         path: /spec/template/metadata/annotations/jetinfer~1config-sha256
@@ -99,7 +122,7 @@ kubectl kustomize "$overlay" > "$record/applied.yaml"
 
 # --- 2. record what is there now ---------------------------------------------
 previous_image=$(live_image)
-echo "deploy: $namespace now runs ${previous_image:-nothing}; deploying $image" >&2
+echo "deploy: $namespace now runs ${previous_image:-nothing}; deploying $image (gateway $gateway_image)" >&2
 existing=$("${kc[@]}" get -f "$record/applied.yaml" --ignore-not-found -o name)
 unrecorded=()
 for object in $existing; do
@@ -218,7 +241,12 @@ check() {
       || { echo "deploy: $pod is not ready" >&2; return 1; }
   done
   echo "deploy: /readyz ok on $(wc -w <<<"$pods") pod(s)" >&2
-  send_job
+  send_job || return 1
+  if [ -n "$("${kc[@]}" get secret "$gateway_keys_secret" --ignore-not-found -o name 2>/dev/null)" ]; then
+    "${kc[@]}" rollout status "$gateway_deployment" --timeout "$timeout" || return 1
+  else
+    echo "deploy: gateway not checked: no Secret $gateway_keys_secret, its pods wait for it (docs/deployment.md)" >&2
+  fi
 }
 
 if "${kc[@]}" apply -f "$record/applied.yaml" && check; then

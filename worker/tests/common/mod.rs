@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod observe;
 pub mod observe_setup;
 pub mod runs;

@@ -146,11 +146,34 @@ impl HttpResponse {
 /// A GET over HTTP/1.0 (no chunking, server closes), with `extra` header
 /// lines (each ending in CRLF), given at most 10 s.
 pub async fn http_request(addr: &str, path: &str, extra: &str) -> std::io::Result<HttpResponse> {
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").into_bytes(),
+    )
+    .await
+}
+
+/// A POST of a JSON `body` over HTTP/1.0, with `extra` header lines (each
+/// ending in CRLF), given at most 10 s.
+pub async fn http_post_json(
+    addr: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<HttpResponse> {
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{extra}\r\n",
+        body.len()
+    );
+    exchange(addr, [head.as_bytes(), body.as_bytes()].concat()).await
+}
+
+/// Sends `request` and reads the response until the server closes.
+async fn exchange(addr: &str, request: Vec<u8>) -> std::io::Result<HttpResponse> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
-            .await?;
+        stream.write_all(&request).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
         Ok::<_, std::io::Error>(raw)

@@ -14,13 +14,26 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 pub const RATE_INTERVAL: &str = "30s";
 
 pub fn prometheus_config(target: &str, alertmanager: Option<&str>) -> String {
+    prometheus_config_jobs(&[("jetinfer-worker", target)], alertmanager)
+}
+
+/// A config scraping each `(job name, target)` every second; the job names
+/// are the shipped ones (`jetinfer-worker`, `jetinfer-gateway`), which the
+/// rules and dashboards select on.
+pub fn prometheus_config_jobs(jobs: &[(&str, &str)], alertmanager: Option<&str>) -> String {
     let alerting = alertmanager
         .map(|am| format!("alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{am}\"]\n"))
         .unwrap_or_default();
+    let scrape: String = jobs
+        .iter()
+        .map(|(job, target)| {
+            format!("  - job_name: {job}\n    static_configs:\n      - targets: [\"{target}\"]\n")
+        })
+        .collect();
     format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - RULES_DIR/*.yml\n{alerting}\
-         scrape_configs:\n  - job_name: jetinfer-worker\n    static_configs:\n      - targets: [\"{target}\"]\n"
+         scrape_configs:\n{scrape}"
     )
 }
 
