@@ -48,7 +48,8 @@ use tokio::sync::oneshot;
 
 /// How long [`Client::submit`] waits for a result by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Publish attempts when JetStream does not acknowledge in time.
+/// Publish retries when JetStream does not acknowledge in time or nothing
+/// answers the subject (200, 400, 800, 1600 ms apart).
 const PUBLISH_ATTEMPTS: usize = 4;
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(200);
 
@@ -87,6 +88,8 @@ pub enum SubmitError {
     Subject(#[from] SubjectError),
     #[error(transparent)]
     Connect(#[from] jetinfer_nats::ConnectError),
+    /// Nothing answered a publish on the model's subject through every retry
+    /// (about 3 s: a stream electing a leader looks the same for a moment).
     #[error("no worker serves model {0:?} on this server: check the model name or start a worker for it")]
     UnknownModel(String),
     #[error("making this tenant's results stream: {0}")]
@@ -263,10 +266,25 @@ impl Client {
         let inbox = subjects::result_inbox(&tenant, &ulid::Ulid::new().to_string())?;
         let routes = Routes::default();
         let js = jetstream::new(nats.clone());
-        jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas).await?;
+        // A restarting server or a leader election answers JetStream's API
+        // with timeouts for a few seconds: a client connecting then waits it
+        // out (as it waits for a first connection) instead of failing.
+        let startup = || {
+            ExponentialBuilder::default()
+                .with_min_delay(PUBLISH_RETRY_DELAY)
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(config.nats.startup_retry_for))
+        };
+        (|| jetinfer_nats::results::ensure(&js, config.results_max_age, config.replicas))
+            .retry(startup())
+            .when(|err| !matches!(err, jetinfer_nats::ProvisionError::Subject(_)))
+            .notify(|err, after| tracing::warn!(error = %err, retry_in = ?after, "results stream not ready; retrying"))
+            .await?;
         // Made before any job names the inbox, and from its first result:
         // the inbox is fresh, so nothing is missed and nothing old is read.
-        let results = jetinfer_nats::results::follow_after(&js, &inbox, 0)
+        let results = (|| jetinfer_nats::results::follow_after(&js, &inbox, 0))
+            .retry(startup())
+            .notify(|err, after| tracing::warn!(error = %err, retry_in = ?after, "following the results stream failed; retrying"))
             .await
             .map_err(SubmitError::Results)?;
         let dispatcher = tokio::spawn(dispatch(js.clone(), inbox.clone(), results, routes.clone()));
@@ -379,14 +397,18 @@ impl Client {
                 Some(&traceparent),
             )
         };
+        // Same job id, so JetStream de-duplicates a publish that did land.
+        // "No responders" is retried too: it is what a publish gets while
+        // the jobs stream elects a leader, not only for a model no worker
+        // serves, so an unknown model is reported after the last attempt
+        // (about 3 s), never a served one in the middle of an election.
         let published = publish
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(PUBLISH_RETRY_DELAY)
-                    .with_max_times(PUBLISH_ATTEMPTS - 1),
+                    .with_max_times(PUBLISH_ATTEMPTS),
             )
-            // Same job id, so JetStream de-duplicates a publish that did land.
-            .when(PublishJobError::is_transient)
+            .when(|err| err.is_transient() || matches!(err, PublishJobError::NoStream))
             .await;
         if let Err(err) = published {
             self.inner

@@ -57,6 +57,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use backon::{ExponentialBuilder, Retryable};
 use jetinfer_schemas::Untrusted;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -122,6 +123,53 @@ pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendErr
     loaded
 }
 
+/// What a worker needs of JetStream, made or brought up to date.
+struct Provisioned {
+    stream: jetstream::stream::Stream,
+    cancels: jetstream::stream::Stream,
+    consumer: jetstream::consumer::PullConsumer,
+}
+
+/// Makes or updates the jobs stream (for this model), the dead letters,
+/// the cancel notices, the results stream and bulk bucket when tenants share
+/// one account, and the model's consumer. Every step is idempotent, so a
+/// failed attempt is simply made again.
+async fn provision(
+    js: &jetstream::Context,
+    config: &WorkerConfig,
+) -> Result<Provisioned, jetinfer_nats::ProvisionError> {
+    let stream = jetinfer_nats::provision_stream(js, &config.stream, &config.model.name).await?;
+    jetinfer_nats::dead_letter::provision_bounded(
+        js,
+        config.stream.replicas,
+        config.stream.max_dead_letters_per_tenant,
+    )
+    .await?;
+    if !config.stream.tenant_accounts {
+        jetinfer_nats::results::provision(
+            js,
+            config.stream.results_max_age,
+            config.stream.replicas,
+        )
+        .await?;
+        jetinfer_nats::bulk::provision(js, config.stream.results_max_age, config.stream.replicas)
+            .await?;
+    }
+    let cancels = jetinfer_nats::bulk::provision_cancels(
+        js,
+        config.stream.results_max_age,
+        config.stream.replicas,
+    )
+    .await?;
+    let consumer =
+        jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer).await?;
+    Ok(Provisioned {
+        stream,
+        cancels,
+        consumer,
+    })
+}
+
 /// A running worker. Each handle below is described by its role in stopping.
 pub struct Worker {
     /// Cancelled by the owner (the binary on SIGTERM, a test) or by the
@@ -179,37 +227,25 @@ impl Worker {
         let client = jetinfer_nats::connect(&config.nats).await?;
         health.set_client(client.clone());
         let js = jetstream::new(client.clone());
-        let stream =
-            jetinfer_nats::provision_stream(&js, &config.stream, &config.model.name).await?;
-        jetinfer_nats::dead_letter::provision_bounded(
-            &js,
-            config.stream.replicas,
-            config.stream.max_dead_letters_per_tenant,
-        )
-        .await?;
-        if !config.stream.tenant_accounts {
-            jetinfer_nats::results::provision(
-                &js,
-                config.stream.results_max_age,
-                config.stream.replicas,
+        // A server restarting or a leader election answers JetStream's API
+        // with timeouts for a few seconds: a worker started then waits it
+        // out, as it waits for the first connection, rather than exit.
+        let Provisioned {
+            stream,
+            cancels,
+            consumer,
+        } = (|| provision(&js, &config))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_total_delay(Some(config.nats.startup_retry_for)),
             )
+            .when(|err| !matches!(err, jetinfer_nats::ProvisionError::Subject(_)))
+            .notify(|err, after| {
+                tracing::warn!(error = %err, retry_in = ?after, "provisioning JetStream failed; retrying")
+            })
             .await?;
-            jetinfer_nats::bulk::provision(
-                &js,
-                config.stream.results_max_age,
-                config.stream.replicas,
-            )
-            .await?;
-        }
-        let cancels = jetinfer_nats::bulk::provision_cancels(
-            &js,
-            config.stream.results_max_age,
-            config.stream.replicas,
-        )
-        .await?;
-        let consumer =
-            jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer)
-                .await?;
         let service = discovery::announce(&client, &config, backend.info())
             .await
             .map_err(WorkerError::Discovery)?;

@@ -462,3 +462,63 @@ async fn the_in_flight_gauge_returns_to_zero_after_expiries_and_a_cancel() {
     worker.shutdown().await;
     http.stop().await;
 }
+
+/// A worker started while JetStream cannot answer (two of a cluster's three
+/// nodes down, so no quorum: what a leader election or a restarting server
+/// looks like to a starting worker) waits, as it waits for a first
+/// connection, instead of exiting; once the nodes are back it provisions
+/// its stream and consumer and answers jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_jetstream_has_no_quorum_waits_for_it_then_serves() {
+    use jetinfer_nats::testing::NatsCluster;
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    cluster.kill("n1");
+    cluster.kill("n2");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut worker = runs::WorkerProcess::start_logged(
+        &urls[..1],
+        "echo",
+        &[
+            ("JETINFER_NATS__STARTUP_RETRY_FOR", "90"),
+            ("JETINFER_STREAM__REPLICAS", "3"),
+        ],
+        Some(log.path()),
+    );
+    // Longer than JetStream's request timeout (5 s): a worker that gave up
+    // on the first failed request would have exited by now.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(worker.exited(), None, "the worker waits for JetStream");
+    cluster.resume("n1");
+    cluster.resume("n2");
+
+    let client = runs::patient_client_at(jetinfer_nats::NatsConfig {
+        urls: urls.clone(),
+        startup_retry_for: Duration::from_secs(30),
+        ..jetinfer_nats::NatsConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    while client
+        .submit(Job::new("minilm", vec!["warm-up".into()]))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the worker never served; its log:\n{}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let result = client
+        .submit(Job::new(
+            "minilm",
+            vec!["after the quorum came back".into()],
+        ))
+        .await
+        .expect("answered");
+    assert!(result.into_result().is_ok());
+    assert_eq!(worker.exited(), None, "the worker is still serving");
+    worker.kill();
+}

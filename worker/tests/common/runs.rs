@@ -53,7 +53,12 @@ impl WorkerProcess {
         log: Option<&std::path::Path>,
     ) -> Self {
         let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_jetinfer-worker"));
+        // Only the worker package's tests have the binary (other crates'
+        // tests share this module for its other helpers).
+        let Some(binary) = option_env!("CARGO_BIN_EXE_jetinfer-worker") else {
+            panic!("a worker process can be started from jetinfer-worker's tests only")
+        };
+        let mut command = Command::new(binary);
         command
             .env("JETINFER_NATS__URLS", format!("[{}]", urls.join(",")))
             .env("JETINFER_MODEL__BACKEND", backend)
