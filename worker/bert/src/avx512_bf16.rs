@@ -16,6 +16,11 @@
 //! [`ROWS`] x 48 block of `out` in 24 registers for the whole inner
 //! dimension.
 
+// The AVX-512 intrinsics and target features are stable since Rust 1.89,
+// which the workspace already needs (vendored async-nats, and `kernels`'
+// `avx512f` target feature), though `rust-version` still says 1.85.
+#![allow(clippy::incompatible_msrv)]
+
 use std::arch::x86_64::{
     __m512, __m512bh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
     _mm512_storeu_ps,
