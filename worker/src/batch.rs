@@ -12,15 +12,21 @@
 //! padding stays small. The batch stays within `max_inputs` and `max_tokens`,
 //! counted as the model pays ([`Cost`]: longest input x inputs when it pads,
 //! the sum of the inputs when it packs).
-//! A batch leaves when it is full or when its oldest input has waited
-//! `max_wait`, and only when inference is ready for it, so a busy model lets
-//! batches grow instead of queueing small ones.
+//!
+//! When a batch leaves ([`run`]): only when inference asks for one
+//! ([`Batches::blocking_next`]), so no batch is formed ahead of the model:
+//! while it runs, the inputs arriving meanwhile wait here and make the next
+//! batch bigger (continuous batching, as text-embeddings-inference does).
+//! When the model asks and inputs wait, they leave at once, after taking in
+//! every job already handed over by intake; `max_wait` (0 by default) can
+//! make an idle model wait that long for company, which no measurement so
+//! far has shown to buy throughput (ARCHITECTURE.md, "Batching").
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::BatchConfig;
@@ -313,22 +319,72 @@ pub fn take_batch<J: BatchJob>(
     batch
 }
 
+/// The inference stage's end of the batcher: it asks for a batch each time
+/// it can run one, and the batcher forms that batch then, from what waits.
+pub struct Batches<J> {
+    requests: mpsc::Sender<oneshot::Sender<Batch<J>>>,
+}
+
+/// The batcher's end: requests for a batch from the inference stage.
+pub struct Requests<J> {
+    requests: mpsc::Receiver<oneshot::Sender<Batch<J>>>,
+}
+
+/// The two ends of the batcher's hand-over to inference.
+pub fn hand_over<J>() -> (Requests<J>, Batches<J>) {
+    // One request at a time: inference asks, waits for the batch, runs it.
+    let (tx, rx) = mpsc::channel(1);
+    (Requests { requests: rx }, Batches { requests: tx })
+}
+
+impl<J> Batches<J> {
+    /// The next batch, formed now from what waits (or, when nothing waits,
+    /// as soon as something arrives). `None` once the batcher has ended:
+    /// intake closed and every waiting input handed over.
+    pub async fn next(&mut self) -> Option<Batch<J>> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// [`Batches::next`] for a thread outside the async runtime.
+    pub fn blocking_next(&mut self) -> Option<Batch<J>> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.blocking_send(tx).ok()?;
+        rx.blocking_recv().ok()
+    }
+}
+
 /// Runs the batcher until `jobs` closes, then flushes what is still waiting
-/// (ignoring `max_wait`) and returns, which closes `batches`.
+/// (ignoring `max_wait`) and returns, which ends `batches`.
 ///
 /// Jobs are taken from `jobs` as soon as they arrive, whether or not
 /// inference is busy, so the channel holds no backlog in arrival order:
 /// every admitted job waits here, in its tenant's lane, where batches are
-/// shared fairly.
+/// shared fairly. A batch is formed only when inference asks for one: it
+/// leaves at once if it is full, if intake has closed, or if its oldest
+/// input has waited `max_wait`, once the jobs intake has already handed
+/// over are in the queue (inputs that arrive together share a batch).
 pub async fn run<J: BatchJob>(
     limits: BatchConfig,
     cost: Cost,
     mut jobs: mpsc::Receiver<Arc<J>>,
-    batches: mpsc::Sender<Batch<J>>,
+    mut requests: Requests<J>,
 ) {
     let mut waiting: Queue<J> = Queue::default();
     let mut open = true;
+    // Inference's request for a batch, while it waits for one.
+    let mut asked: Option<oneshot::Sender<Batch<J>>> = None;
     loop {
+        // Everything intake has handed over joins the queue before a batch
+        // forms: without this, the first job of a burst would leave alone.
+        while open {
+            match jobs.try_recv() {
+                Ok(job) => waiting.push(&job, Instant::now()),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
         if !open && waiting.is_empty() {
             return;
         }
@@ -336,15 +392,26 @@ pub async fn run<J: BatchJob>(
         let oldest = waiting.oldest_arrival();
         let due = oldest.is_some_and(|t| now >= t + limits.max_wait);
         let ready = !waiting.is_empty() && (!open || due || waiting.full(&limits, cost));
+        if ready {
+            if let Some(reply) = asked.take() {
+                if reply.is_closed() {
+                    return; // inference has gone
+                }
+                let items = take_batch(&mut waiting, &limits, cost);
+                if reply.send(Batch::new(items, cost, Instant::now())).is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         let wake_at = oldest.map(|t| t + limits.max_wait).unwrap_or(now);
 
         tokio::select! {
             biased;
-            permit = batches.reserve(), if ready => {
-                let Ok(permit) = permit else { return }; // inference has gone
-                let items = take_batch(&mut waiting, &limits, cost);
-                permit.send(Batch::new(items, cost, Instant::now()));
-            }
+            request = requests.requests.recv(), if asked.is_none() => match request {
+                Some(reply) => asked = Some(reply),
+                None => return, // inference has gone
+            },
             job = jobs.recv(), if open => match job {
                 Some(job) => waiting.push(&job, Instant::now()),
                 None => open = false,
@@ -569,12 +636,18 @@ mod tests {
         per_batch: Duration,
     ) -> Vec<(Duration, Vec<(&'static str, usize)>)> {
         let (job_tx, job_rx) = mpsc::channel(64);
-        let (batch_tx, mut batch_rx) = mpsc::channel(1);
+        let (requests, mut batches) = hand_over();
         let start = Instant::now();
-        tokio::spawn(run(l, Cost::Padded, job_rx, batch_tx));
+        tokio::spawn(run(l, Cost::Padded, job_rx, requests));
         tokio::spawn(async move {
+            // Jobs due at the same instant are handed over back to back, as
+            // intake does with the messages of one pull.
+            let mut last = None;
             for (at, tenant, lens) in jobs {
-                tokio::time::sleep_until(start + at).await;
+                if last != Some(at) {
+                    tokio::time::sleep_until(start + at).await;
+                    last = Some(at);
+                }
                 job_tx
                     .send(Arc::new(TestJob { tenant, lens }))
                     .await
@@ -583,7 +656,7 @@ mod tests {
             tokio::time::sleep_until(start + close_at).await;
         });
         let mut out = Vec::new();
-        while let Some(batch) = batch_rx.recv().await {
+        while let Some(batch) = batches.next().await {
             let items = batch.items.iter().map(|w| (w.job.tenant, w.len)).collect();
             out.push((batch.formed_at - start, items));
             tokio::time::sleep(per_batch).await;
@@ -648,6 +721,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_idle_model_takes_a_lone_input_at_once_without_max_wait() {
+        let out = collect(
+            limits(8, 10_000, 0),
+            vec![(Duration::ZERO, vec![7])],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(out, vec![(Duration::ZERO, vec![7])]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_handed_over_together_share_the_batch_an_idle_model_takes() {
+        let out = collect(
+            limits(8, 10_000, 0),
+            vec![
+                (Duration::ZERO, vec![5]),
+                (Duration::ZERO, vec![6]),
+                (Duration::ZERO, vec![7, 8]),
+            ],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(out, vec![(Duration::ZERO, vec![5, 6, 7, 8])]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_arriving_while_the_model_runs_wait_for_it_and_leave_together() {
+        let ms = Duration::from_millis;
+        // Each batch takes the model 10 ms; nothing is formed ahead of it.
+        let jobs = [0, 2, 4, 6, 13]
+            .into_iter()
+            .map(|at| (ms(at), "t", vec![at as usize + 1]))
+            .collect();
+        let out =
+            collect_tenants(limits(8, 10_000, 0), jobs, Duration::from_secs(10), ms(10)).await;
+        let formed: Vec<_> = out
+            .into_iter()
+            .map(|(at, items)| (at, items.into_iter().map(|(_, len)| len).collect()))
+            .collect::<Vec<(Duration, Vec<usize>)>>();
+        assert_eq!(
+            formed,
+            vec![
+                (ms(0), vec![1]),
+                (ms(10), vec![3, 5, 7]),
+                (ms(20), vec![14])
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_small_job_behind_a_flood_runs_in_the_next_batch_that_forms() {
         let ms = Duration::from_millis;
         // acme's 512 inputs are 16 batches of 32, 10 ms each; globex's one
@@ -668,10 +791,10 @@ mod tests {
             .position(|(_, items)| items.iter().any(|(t, _)| *t == "globex"))
             .expect("globex's input ran");
         let (formed, _) = out[globex_batch];
-        // Two batches formed at once before it arrived (one running, one
-        // queued for inference); the next one holds it, at 10 ms. In
+        // One batch formed before it arrived (the model asked at 0 ms); the
+        // next, formed when the model asks again at 10 ms, holds it. In
         // arrival order it would have run last, after 160 ms.
-        assert_eq!(globex_batch, 2, "{out:?}");
+        assert_eq!(globex_batch, 1, "{out:?}");
         assert_eq!(formed, ms(10));
         let inputs: usize = out.iter().map(|(_, items)| items.len()).sum();
         assert_eq!(inputs, 513, "every input ran once");

@@ -25,7 +25,11 @@ pub const DEFAULT_MAX_BATCH_INPUTS: usize = 32;
 /// tokens when packed, longest input x inputs when padded (8 inputs at the
 /// model's 256-token maximum).
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
-pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// No wait for company: an idle model takes what waits at once, and a busy
+/// one lets the next batch grow while it runs (`batch::run`). A wait buys
+/// nothing at saturation, where the model is never idle (ARCHITECTURE.md,
+/// "Batching").
+pub const DEFAULT_MAX_BATCH_WAIT: Duration = Duration::ZERO;
 /// Messages requested per JetStream pull.
 pub const DEFAULT_PULL_BATCH: usize = 128;
 /// How long one pull request waits for messages; also bounds how long a
@@ -202,10 +206,11 @@ pub struct ModelConfig {
     pub dtype: Dtype,
     /// Candle backend only: which forward pass runs the model.
     pub forward: ForwardKind,
-    /// Packed forward only: how its dense layers multiply. `auto` (AMX tiles
-    /// with split bf16 operands where the CPU has them, f32 accuracy; else
-    /// f32 on AVX-512/AVX2), `f32`, `amx`, or `amx_bf16` (reduced precision,
-    /// faster; see docs/benchmarks.md for its measured accuracy).
+    /// Packed forward only: how its dense layers multiply. `auto` (bf16
+    /// products with f32 accumulation on AMX tiles, else on AVX512_BF16,
+    /// else f32 on AVX-512/AVX2), `f32`, `amx_bf16x3` (f32 accuracy on AMX),
+    /// `amx_bf16` or `avx512_bf16` (see docs/benchmarks.md for their
+    /// measured accuracy).
     pub matmul: jetinfer_bert::Matmul,
     /// Echo backend only: simulated compute per padded token, in microseconds.
     pub echo_delay_per_token_us: u64,
@@ -247,7 +252,8 @@ pub struct BatchConfig {
     pub max_inputs: usize,
     /// Most padded tokens in one forward pass (longest input x inputs).
     pub max_tokens: usize,
-    /// Longest an input waits for company once it is first in line.
+    /// Longest an input waits for company once it is first in line and the
+    /// model is idle (0: none; a busy model lets batches grow anyway).
     #[serde(with = "millis")]
     pub max_wait: Duration,
 }

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, BackendError};
-use crate::batch::{Batch, Waiting};
+use crate::batch::{Batch, Batches, Waiting};
 use crate::job::{BatchRun, InFlightJob};
 use crate::supervise::{panic_message, Failure, Stage, Supervisor};
 
@@ -30,16 +30,16 @@ pub struct Done {
     pub expired: Vec<Waiting<InFlightJob>>,
 }
 
-/// Runs batches from `batches` until it closes; closing `done` in turn.
+/// Runs batches from `batches` until the batcher ends; closing `done` in turn.
 ///
-/// Role in shutdown: it ends when the batcher closes `batches` (after intake
+/// Role in shutdown: it ends when the batcher ends `batches` (after intake
 /// stopped and the batcher flushed), once it has handed on its last batch.
 /// Ending any other way (the backend unusable, a panic outside the forward
 /// pass, the publish stage gone) is reported to `supervisor`; the batch in
 /// hand is then left in the ledger, which the stopping worker hands back.
 pub fn spawn(
     backend: Arc<dyn Backend>,
-    batches: mpsc::Receiver<Batch<InFlightJob>>,
+    batches: Batches<InFlightJob>,
     done: mpsc::Sender<Done>,
     supervisor: Supervisor,
 ) -> std::thread::JoinHandle<()> {
@@ -59,12 +59,14 @@ pub fn spawn(
 
 fn run(
     backend: &dyn Backend,
-    mut batches: mpsc::Receiver<Batch<InFlightJob>>,
+    mut batches: Batches<InFlightJob>,
     done: mpsc::Sender<Done>,
     supervisor: &Supervisor,
 ) {
     let mut sequence = 0u64;
-    while let Some(mut batch) = batches.blocking_recv() {
+    // Asks for the next batch only when it can run it: the batcher forms it
+    // then, from everything that arrived while the last one ran.
+    while let Some(mut batch) = batches.blocking_next() {
         sequence += 1;
         // Deadlines and cancelled runs are checked again as the
         // batch forms: no compute for an answer nobody will take.

@@ -271,7 +271,7 @@ impl Worker {
         )
         .with_limits(config.consumer.max_deliver, config.limits.max_job_bytes);
         let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
-        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (batch_requests, batches) = batch::hand_over();
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
 
         let queue_depth = queue_depth::run(
@@ -312,7 +312,7 @@ impl Worker {
                         batch::Cost::Packed
                     },
                     jobs_rx,
-                    batch_tx,
+                    batch_requests,
                 ),
             ),
             supervisor.spawn(
@@ -341,7 +341,7 @@ impl Worker {
                 helpers_stop.clone(),
             )),
         ];
-        let infer = infer::spawn(backend, batch_rx, done_tx, supervisor);
+        let infer = infer::spawn(backend, batches, done_tx, supervisor);
         Ok(Self {
             shutdown,
             health,

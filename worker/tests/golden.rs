@@ -224,6 +224,16 @@ fn each_forward_matches_reference_embeddings_in_one_batch_and_alone() {
     } else {
         eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
     }
+    if Matmul::avx512_bf16_available() {
+        // The arithmetic of `AmxBf16`, held to the same bound.
+        forwards.push((ForwardKind::Packed, Matmul::Avx512Bf16));
+    } else {
+        assert!(
+            std::env::var("JETINFER_REQUIRE_AVX512_BF16").as_deref() != Ok("1"),
+            "JETINFER_REQUIRE_AVX512_BF16=1 but this CPU offers no AVX512_BF16"
+        );
+        eprintln!("this CPU offers no AVX512_BF16: avx512_bf16 products not checked");
+    }
     for (forward, matmul) in forwards {
         let config = jetinfer_worker::config::ModelConfig {
             path: model_dir(),

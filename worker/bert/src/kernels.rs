@@ -24,7 +24,13 @@ fn simd_level() -> Level {
     *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // Each level is taken only where the CPU has every feature its
+            // code is compiled for (see `multiversion!`): an AVX-512 CPU
+            // without FMA or AVX2 would otherwise run instructions it lacks.
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return Level::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2")
@@ -46,6 +52,8 @@ macro_rules! multiversion {
             #[inline(always)]
             fn generic($($arg: $ty),*) $body
 
+            // Compiled for exactly the features `simd_level` checks for
+            // `Level::Avx512`; keep the two lists the same.
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
             fn avx512($($arg: $ty),*) { generic($($arg),*) }

@@ -21,6 +21,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
 mod kernels;
 mod matmul;
 
@@ -78,13 +80,15 @@ fn default_position_embedding_type() -> String {
 ///
 /// Measured accuracy on all-MiniLM-L6-v2 (lowest cosine to the f32
 /// reference over the golden texts and random mixed-length batches; see
-/// docs/benchmarks.md): f32 and bf16x3 0.999999, bf16 0.99997.
+/// docs/benchmarks.md): f32 and bf16x3 0.999999, bf16 (AMX or AVX512_BF16)
+/// 0.99997.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Matmul {
     /// The fastest products that keep cosine >= 0.9999 to the f32 model:
     /// [`Matmul::AmxBf16`] where the CPU and kernel offer AMX, else
-    /// [`Matmul::F32`].
+    /// [`Matmul::Avx512Bf16`] where the CPU has AVX512_BF16, else
+    /// [`Matmul::F32`]; each only where the model's widths fit it.
     #[default]
     Auto,
     /// f32 products on the AVX-512 / AVX2 units.
@@ -98,6 +102,12 @@ pub enum Matmul {
     /// precision (cosine about 0.99997 to f32), about twice as fast as
     /// [`Matmul::F32`]. Loading fails where there is no AMX.
     AmxBf16,
+    /// `vdpbf16ps` products (AVX512_BF16: AMD Zen 4 and later, Intel Cooper
+    /// Lake and Sapphire Rapids and later): the arithmetic of
+    /// [`Matmul::AmxBf16`] (bf16 operands, f32 accumulation) on the vector
+    /// units, for CPUs without AMX. Loading fails where the CPU lacks
+    /// AVX512_BF16.
+    Avx512Bf16,
 }
 
 impl Matmul {
@@ -109,29 +119,62 @@ impl Matmul {
         return false;
     }
 
-    /// The name `model.matmul` takes: `auto`, `f32`, `amx_bf16x3`, `amx_bf16`.
+    /// Whether this CPU runs [`Matmul::Avx512Bf16`] products (it has every
+    /// feature their code is compiled for: AVX-512F and AVX512_BF16).
+    pub fn avx512_bf16_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return avx512_bf16::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    /// Whether this CPU (and kernel) can run these products; `Auto` always.
+    pub fn available(self) -> bool {
+        match self {
+            Matmul::Auto | Matmul::F32 => true,
+            Matmul::AmxBf16x3 | Matmul::AmxBf16 => Self::amx_available(),
+            Matmul::Avx512Bf16 => Self::avx512_bf16_available(),
+        }
+    }
+
+    /// The name `model.matmul` takes: `auto`, `f32`, `amx_bf16x3`,
+    /// `amx_bf16`, `avx512_bf16`.
     pub fn name(self) -> &'static str {
         match self {
             Matmul::Auto => "auto",
             Matmul::F32 => "f32",
             Matmul::AmxBf16x3 => "amx_bf16x3",
             Matmul::AmxBf16 => "amx_bf16",
+            Matmul::Avx512Bf16 => "avx512_bf16",
         }
     }
 
     /// Every kind, for parsing names.
-    pub const ALL: [Matmul; 4] = [
+    pub const ALL: [Matmul; 5] = [
         Matmul::Auto,
         Matmul::F32,
         Matmul::AmxBf16x3,
         Matmul::AmxBf16,
+        Matmul::Avx512Bf16,
     ];
 
-    /// `Auto` made concrete for this machine; the others as they are.
+    /// What `Auto` tries, fastest first; [`Matmul::F32`] runs everywhere.
+    const AUTO_ORDER: [Matmul; 3] = [Matmul::AmxBf16, Matmul::Avx512Bf16, Matmul::F32];
+
+    /// `Auto` made concrete for this machine (for a model whose widths fit
+    /// every kind); the others as they are.
     pub fn resolve(self) -> Matmul {
+        self.resolve_for(|_| true)
+    }
+
+    /// `Auto` made concrete for this machine and a model whose widths
+    /// `fits` says each kind can take.
+    fn resolve_for(self, fits: impl Fn(Matmul) -> bool) -> Matmul {
         match self {
-            Matmul::Auto if Self::amx_available() => Matmul::AmxBf16,
-            Matmul::Auto => Matmul::F32,
+            Matmul::Auto => Self::AUTO_ORDER
+                .into_iter()
+                .find(|m| m.available() && fits(*m))
+                .unwrap_or(Matmul::F32),
             other => other,
         }
     }
@@ -152,20 +195,24 @@ impl std::str::FromStr for Matmul {
     }
 }
 
-/// Whether every dense product of this model has the widths AMX tiles take.
-fn tiles_fit(config: &Config) -> bool {
+/// Whether every dense product of this model has the widths `matmul`'s
+/// products take.
+fn widths_fit(matmul: Matmul, config: &Config) -> bool {
+    let (hidden, intermediate) = (config.hidden_size, config.intermediate_size);
+    let shapes = [
+        (hidden, hidden),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ];
     #[cfg(target_arch = "x86_64")]
-    {
-        let (hidden, intermediate) = (config.hidden_size, config.intermediate_size);
-        amx::PackedWeight::fits(hidden, hidden)
-            && amx::PackedWeight::fits(hidden, intermediate)
-            && amx::PackedWeight::fits(intermediate, hidden)
-    }
+    let fits: fn(usize, usize) -> bool = match matmul {
+        Matmul::Auto | Matmul::F32 => return true,
+        Matmul::AmxBf16x3 | Matmul::AmxBf16 => amx::PackedWeight::fits,
+        Matmul::Avx512Bf16 => avx512_bf16::PackedWeight::fits,
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = config;
-        false
-    }
+    let fits = |_: usize, _: usize| matches!(matmul, Matmul::Auto | Matmul::F32);
+    shapes.into_iter().all(|(k, n)| fits(k, n))
 }
 
 /// How token vectors become one sentence vector.
@@ -367,14 +414,15 @@ impl Bert {
         config: Config,
         matmul: Matmul,
     ) -> Result<Self, LoadError> {
-        let matmul = match matmul.resolve() {
-            // `auto` falls back where the tiles cannot take the model's widths.
-            Matmul::AmxBf16 if matmul == Matmul::Auto && !tiles_fit(&config) => Matmul::F32,
-            resolved => resolved,
-        };
-        if matches!(matmul, Matmul::AmxBf16x3 | Matmul::AmxBf16) && !Matmul::amx_available() {
+        // `auto` skips the products that cannot take the model's widths.
+        let matmul = matmul.resolve_for(|m| widths_fit(m, &config));
+        if !matmul.available() {
+            let missing = match matmul {
+                Matmul::Avx512Bf16 => "this CPU offers no AVX512_BF16",
+                _ => "this CPU or kernel offers no AMX",
+            };
             return Err(LoadError::Unsupported(format!(
-                "{matmul:?} products: this CPU or kernel offers no AMX"
+                "{matmul:?} products: {missing}"
             )));
         }
         if config.hidden_act != "gelu" {

@@ -1,11 +1,13 @@
 //! Matrix products on the `gemm` crate (the kernels candle itself uses, here
 //! with their AVX-512 variants enabled), called on raw row-major buffers so
-//! that bias and residual are accumulated in place and nothing is copied.
+//! that bias and residual are accumulated in place and nothing is copied; or,
+//! where `model.matmul` asks for bf16, on a weight packed for AMX tiles
+//! ([`amx`]) or for `vdpbf16ps` ([`avx512_bf16`]).
 
 use gemm::Parallelism;
 
 #[cfg(target_arch = "x86_64")]
-use crate::amx;
+use crate::{amx, avx512_bf16};
 use crate::{kernels, LoadError, Matmul, ROWS_PER_TASK};
 use rayon::prelude::*;
 
@@ -16,9 +18,18 @@ pub(crate) struct Linear {
     pub(crate) bias: Vec<f32>,
     pub(crate) inputs: usize,
     pub(crate) outputs: usize,
-    /// The weight packed for AMX tiles, when products run there.
+    /// The weight packed for the bf16 products, when they run.
+    packed: Packed,
+}
+
+/// The weight in the layout of the products that read it.
+enum Packed {
+    /// f32 products on `gemm`: `Linear::weight` as it is.
+    None,
     #[cfg(target_arch = "x86_64")]
-    tiles: Option<amx::PackedWeight>,
+    Tiles(amx::PackedWeight),
+    #[cfg(target_arch = "x86_64")]
+    Dot(avx512_bf16::PackedWeight),
 }
 
 impl Linear {
@@ -42,8 +53,7 @@ impl Linear {
             bias,
             inputs,
             outputs,
-            #[cfg(target_arch = "x86_64")]
-            tiles: None,
+            packed: Packed::None,
         }
     }
 
@@ -65,25 +75,43 @@ impl Linear {
             bias,
             inputs,
             outputs,
-            #[cfg(target_arch = "x86_64")]
-            tiles: None,
+            packed: Packed::None,
         }
     }
 
     /// Prepares the products `matmul` asks for (already resolved from
-    /// `Auto`): packs the weight for AMX tiles when they are asked for.
+    /// `Auto`): packs the weight for them when they are bf16 ones.
     pub(crate) fn prepare(&mut self, matmul: Matmul) -> Result<(), LoadError> {
         match matmul {
-            Matmul::Auto | Matmul::F32 => Ok(()),
+            Matmul::Auto | Matmul::F32 => return Ok(()),
             #[cfg(target_arch = "x86_64")]
-            Matmul::AmxBf16x3 => self.pack_for_tiles(amx::Split::Three),
+            Matmul::AmxBf16x3 => self.pack_for_tiles(amx::Split::Three)?,
             #[cfg(target_arch = "x86_64")]
-            Matmul::AmxBf16 => self.pack_for_tiles(amx::Split::One),
+            Matmul::AmxBf16 => self.pack_for_tiles(amx::Split::One)?,
+            #[cfg(target_arch = "x86_64")]
+            Matmul::Avx512Bf16 => {
+                if !avx512_bf16::PackedWeight::fits(self.inputs, self.outputs) {
+                    return Err(LoadError::Unsupported(format!(
+                        "AVX512_BF16 products of [{}, {}] (inputs must be even, outputs a multiple of 16)",
+                        self.inputs, self.outputs
+                    )));
+                }
+                self.packed = Packed::Dot(avx512_bf16::PackedWeight::new(
+                    &self.weight,
+                    self.inputs,
+                    self.outputs,
+                ));
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Matmul::AmxBf16x3 | Matmul::AmxBf16 => Err(LoadError::Unsupported(format!(
-                "{matmul:?} products: AMX exists on x86-64 only"
-            ))),
+            Matmul::AmxBf16x3 | Matmul::AmxBf16 | Matmul::Avx512Bf16 => {
+                return Err(LoadError::Unsupported(format!(
+                    "{matmul:?} products exist on x86-64 only"
+                )))
+            }
         }
+        // The f32 copy is no longer read.
+        self.weight = Vec::new();
+        Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -94,15 +122,40 @@ impl Linear {
                 self.inputs, self.outputs
             )));
         }
-        self.tiles = Some(amx::PackedWeight::new(
+        self.packed = Packed::Tiles(amx::PackedWeight::new(
             &self.weight,
             self.inputs,
             self.outputs,
             split,
         ));
-        // The f32 copy is no longer read.
-        self.weight = Vec::new();
         Ok(())
+    }
+
+    /// `out += activation(x) W` on the packed weight, if there is one;
+    /// `false` when the f32 products must run instead.
+    fn accumulate_packed(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        activation: Option<fn(&mut [f32])>,
+    ) -> bool {
+        match &self.packed {
+            Packed::None => {
+                let _ = (x, out, rows, activation);
+                false
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Tiles(tiles) => {
+                tiles.accumulate(x, out, rows, activation);
+                true
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Dot(dot) => {
+                dot.accumulate(x, out, rows, activation);
+                true
+            }
+        }
     }
 
     /// `out = x W + b` for `rows` rows (`out` is overwritten).
@@ -120,13 +173,11 @@ impl Linear {
     }
 
     /// `out += gelu(x) W + b`, the residual already in `out`; `x` may be
-    /// overwritten. On tiles GELU runs as `x` is packed, with no pass of its
-    /// own.
+    /// overwritten. With bf16 products GELU runs as `x` is packed, with no
+    /// pass of its own.
     pub(crate) fn forward_residual_gelu(&self, x: &mut [f32], out: &mut [f32], rows: usize) {
         self.add_bias(out);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(tiles) = &self.tiles {
-            tiles.accumulate(x, out, rows, Some(kernels::gelu));
+        if self.accumulate_packed(x, out, rows, Some(kernels::gelu)) {
             return;
         }
         x.par_chunks_mut(self.inputs * ROWS_PER_TASK)
@@ -145,9 +196,7 @@ impl Linear {
     fn accumulate(&self, x: &[f32], out: &mut [f32], rows: usize) {
         assert_eq!(x.len(), rows * self.inputs);
         assert_eq!(out.len(), rows * self.outputs);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(tiles) = &self.tiles {
-            tiles.accumulate(x, out, rows, None);
+        if self.accumulate_packed(x, out, rows, None) {
             return;
         }
         // SAFETY: the three buffers are row-major with the extents asserted

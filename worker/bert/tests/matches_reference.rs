@@ -45,8 +45,9 @@ fn packed_with(matmul: Matmul) -> Bert {
 
 /// Every kind of product this machine can run, with the least cosine and
 /// the largest element difference each must keep against the reference.
-/// f32 products always; AMX ones where the CPU has them (a machine without
-/// says so, since then they cannot be checked here).
+/// f32 products always; AMX and AVX512_BF16 ones where the CPU has them (a
+/// machine without says so, since then they cannot be checked here, and
+/// fails where `JETINFER_REQUIRE_AVX512_BF16=1` says it must have them).
 fn products() -> Vec<(Matmul, f32, f32)> {
     let mut products = vec![(Matmul::F32, 0.99999, 1e-3)];
     if Matmul::amx_available() {
@@ -55,6 +56,16 @@ fn products() -> Vec<(Matmul, f32, f32)> {
         products.push((Matmul::AmxBf16, 0.9999, 2e-2));
     } else {
         eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
+    }
+    if Matmul::avx512_bf16_available() {
+        // The arithmetic of `AmxBf16`, so the same bounds.
+        products.push((Matmul::Avx512Bf16, 0.9999, 2e-2));
+    } else {
+        assert!(
+            std::env::var("JETINFER_REQUIRE_AVX512_BF16").as_deref() != Ok("1"),
+            "JETINFER_REQUIRE_AVX512_BF16=1 but this CPU offers no AVX512_BF16"
+        );
+        eprintln!("this CPU offers no AVX512_BF16: avx512_bf16 products not checked");
     }
     products
 }

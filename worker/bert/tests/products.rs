@@ -1,5 +1,5 @@
 //! Which products a model gets (`Matmul`), on small random BERT models whose
-//! widths AMX tiles can or cannot take.
+//! widths AMX tiles and AVX512_BF16 registers can or cannot take.
 
 use std::collections::HashMap;
 
@@ -60,33 +60,85 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
+/// Skips (saying so) where the CPU lacks AVX512_BF16, unless
+/// `JETINFER_REQUIRE_AVX512_BF16=1` says this machine must have it.
+fn avx512_bf16_runs_here() -> bool {
+    if Matmul::avx512_bf16_available() {
+        return true;
+    }
+    assert!(
+        std::env::var("JETINFER_REQUIRE_AVX512_BF16").as_deref() != Ok("1"),
+        "JETINFER_REQUIRE_AVX512_BF16=1 but this CPU offers no AVX512_BF16"
+    );
+    eprintln!("this CPU offers no AVX512_BF16: avx512_bf16 products not checked");
+    false
+}
+
 #[test]
-fn auto_takes_f32_products_where_tiles_cannot_take_the_widths() {
-    let (tensors, config) = random_model(48, 96);
+fn auto_takes_f32_products_where_no_bf16_products_can_take_the_widths() {
+    // 40 columns: neither AMX tiles (32) nor 16-lane registers divide it.
+    let (tensors, config) = random_model(40, 80);
     let bert = Bert::from_tensors(tensors.clone(), config.clone(), Matmul::Auto).unwrap();
     assert_eq!(bert.matmul(), Matmul::F32);
     let embedded = bert.embed(&[&[1, 5, 9, 2]], Pooling::Mean).unwrap();
-    assert_eq!(embedded[0].len(), 48);
+    assert_eq!(embedded[0].len(), 40);
 
-    // Asked for by name, AMX products refuse such a model, with the reason.
-    for matmul in [Matmul::AmxBf16, Matmul::AmxBf16x3] {
+    // Asked for by name, bf16 products refuse such a model, with the reason.
+    for matmul in [Matmul::AmxBf16, Matmul::AmxBf16x3, Matmul::Avx512Bf16] {
         let err = Bert::from_tensors(tensors.clone(), config.clone(), matmul)
             .err()
-            .expect("AMX products cannot take widths of 48");
+            .expect("bf16 products cannot take widths of 40");
         assert!(matches!(err, LoadError::Unsupported(_)), "{err}");
+    }
+}
+
+#[test]
+fn auto_takes_avx512_bf16_products_where_amx_is_absent_or_its_tiles_do_not_fit() {
+    if !avx512_bf16_runs_here() {
+        return;
+    }
+    // 48 columns: whole registers of 16, not whole tiles of 32.
+    let (tensors, config) = random_model(48, 96);
+    let bert = Bert::from_tensors(tensors.clone(), config.clone(), Matmul::Auto).unwrap();
+    assert_eq!(bert.matmul(), Matmul::Avx512Bf16);
+    let (tensors, config) = random_model(64, 128);
+    let bert = Bert::from_tensors(tensors, config, Matmul::Auto).unwrap();
+    let expected = if Matmul::amx_available() {
+        Matmul::AmxBf16
+    } else {
+        Matmul::Avx512Bf16
+    };
+    assert_eq!(bert.matmul(), expected);
+}
+
+#[test]
+fn asking_for_products_the_cpu_lacks_fails_to_load_with_the_reason() {
+    let (tensors, config) = random_model(64, 128);
+    for matmul in [Matmul::AmxBf16, Matmul::Avx512Bf16] {
+        if matmul.available() {
+            continue;
+        }
+        let err = Bert::from_tensors(tensors.clone(), config.clone(), matmul)
+            .err()
+            .expect("products this CPU lacks do not load");
+        assert!(err.to_string().contains("offers no"), "{err}");
     }
 }
 
 #[test]
 fn every_kind_of_product_embeds_a_model_of_other_widths_alike() {
     let (tensors, config) = random_model(64, 128);
-    let auto = Bert::from_tensors(tensors.clone(), config.clone(), Matmul::Auto).unwrap();
-    if !Matmul::amx_available() {
-        assert_eq!(auto.matmul(), Matmul::F32);
+    let mut kinds = Vec::new();
+    if Matmul::amx_available() {
+        kinds.push((Matmul::AmxBf16x3, 0.99999));
+        kinds.push((Matmul::AmxBf16, 0.9999));
+    } else {
         eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
-        return;
     }
-    assert_eq!(auto.matmul(), Matmul::AmxBf16);
+    if avx512_bf16_runs_here() {
+        // The arithmetic of `AmxBf16`, so the same bound.
+        kinds.push((Matmul::Avx512Bf16, 0.9999));
+    }
     // Batches whose token counts are below, at and above whole tile blocks.
     let inputs: Vec<Vec<u32>> = [3usize, 17, 32, 33, 70]
         .iter()
@@ -95,7 +147,7 @@ fn every_kind_of_product_embeds_a_model_of_other_widths_alike() {
     let batch: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     let f32 = Bert::from_tensors(tensors.clone(), config.clone(), Matmul::F32).unwrap();
     let want = f32.embed(&batch, Pooling::Mean).unwrap();
-    for (matmul, least_cosine) in [(Matmul::AmxBf16x3, 0.99999), (Matmul::AmxBf16, 0.9999)] {
+    for (matmul, least_cosine) in kinds {
         let bert = Bert::from_tensors(tensors.clone(), config.clone(), matmul).unwrap();
         let got = bert.embed(&batch, Pooling::Mean).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -114,5 +166,8 @@ fn every_matmul_name_reads_back_the_same_in_config_and_on_the_command_line() {
         assert_eq!(from_config, matmul);
     }
     let err = "amx".parse::<Matmul>().unwrap_err();
-    assert!(err.contains("auto, f32, amx_bf16x3, amx_bf16"), "{err}");
+    assert!(
+        err.contains("auto, f32, amx_bf16x3, amx_bf16, avx512_bf16"),
+        "{err}"
+    );
 }
