@@ -369,7 +369,7 @@ impl TenantLimits {
         let now = Instant::now();
         let mut tracked = self.lock();
         tracked.checks = tracked.checks.wrapping_add(1);
-        if tracked.checks % FORGET_IDLE_EVERY == 0 {
+        if tracked.checks.is_multiple_of(FORGET_IDLE_EVERY) {
             self.forget_idle(&mut tracked, now);
         }
         if let Some(entry) = tracked.tenants.get_mut(tenant) {

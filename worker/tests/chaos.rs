@@ -407,7 +407,7 @@ fn jobs(phase: &str, n: usize) -> Vec<Job> {
         .map(|i| {
             let id = format!("{phase}-{i}");
             if i % PANIC_MODEL_EVERY == PANIC_MODEL_EVERY / 2 {
-                let text = if (i / PANIC_MODEL_EVERY) % MARKER_EVERY == 0 {
+                let text = if (i / PANIC_MODEL_EVERY).is_multiple_of(MARKER_EVERY) {
                     format!("{phase} job {i} goes {PANIC_MARKER} in the model")
                 } else {
                     format!("{phase} job {i} shares a batch with a panic")

@@ -89,7 +89,7 @@ pub(crate) struct PackedWeight {
 impl PackedWeight {
     /// Whether a `[k, n]` product can run on tiles: both multiples of 32.
     pub(crate) fn fits(k: usize, n: usize) -> bool {
-        k % TILE_K == 0 && n % BLOCK == 0
+        k.is_multiple_of(TILE_K) && n.is_multiple_of(BLOCK)
     }
 
     /// Packs a row-major `[k, n]` f32 matrix.

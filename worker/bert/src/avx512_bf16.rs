@@ -16,11 +16,6 @@
 //! [`ROWS`] x 48 block of `out` in 24 registers for the whole inner
 //! dimension.
 
-// The AVX-512 intrinsics and target features are stable since Rust 1.89,
-// which the workspace already needs (vendored async-nats, and `kernels`'
-// `avx512f` target feature), though `rust-version` still says 1.85.
-#![allow(clippy::incompatible_msrv)]
-
 use std::arch::x86_64::{
     __m512, __m512bh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
     _mm512_storeu_ps,
@@ -61,7 +56,7 @@ impl PackedWeight {
     /// Whether a `[k, n]` product can run here: `k` even (whole pairs), `n`
     /// a multiple of 16 (whole registers).
     pub(crate) fn fits(k: usize, n: usize) -> bool {
-        k % 2 == 0 && n % LANES == 0 && k > 0 && n > 0
+        k.is_multiple_of(2) && n.is_multiple_of(LANES) && k > 0 && n > 0
     }
 
     /// Packs a row-major `[k, n]` f32 matrix.
