@@ -38,7 +38,7 @@ use futures::StreamExt;
 use jetinfer_nats::bulk::{self, BulkStoreError, RunRecord, RunState};
 use jetinfer_nats::subjects::{self, SubjectError, Tenant};
 use jetinfer_nats::PublishJobError;
-use jetinfer_schemas::{decode_result, ErrorCode, Job, Outcome};
+use jetinfer_schemas::{decode_result, ErrorCode, Job, JobError, Outcome};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -418,6 +418,16 @@ pub async fn submit(config: &ClientConfig, options: SubmitOptions) -> Result<Sum
                         summary.failed += 1;
                         files.write_failed(custom_id, &result.job_id, err)
                     }
+                    // Bulk runs submit embedding jobs only: a worker that
+                    // answers otherwise answered another job.
+                    Outcome::Reranked(_) => {
+                        summary.failed += 1;
+                        let err = JobError::new(
+                            ErrorCode::UnsupportedTask,
+                            "the worker answered with rerank scores, not embeddings",
+                        );
+                        files.write_failed(custom_id, &result.job_id, &err)
+                    }
                 };
                 if let Err(err) = written {
                     break Err(err);
@@ -750,7 +760,7 @@ async fn status_of(
         match result.outcome {
             Outcome::Ok(_) => done += 1,
             Outcome::Error(e) if e.code == ErrorCode::Cancelled => cancelled_jobs += 1,
-            Outcome::Error(_) => failed += 1,
+            Outcome::Error(_) | Outcome::Reranked(_) => failed += 1,
         }
     }
     let answered = done + failed + cancelled_jobs;
