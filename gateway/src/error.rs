@@ -147,6 +147,13 @@ impl ApiError {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
                     .code("invalid_value")
             }
+            // The model serves another task (a cross-encoder asked for
+            // embeddings).
+            ErrorCode::UnsupportedTask => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+                    .param("model")
+                    .code("unsupported_task")
+            }
             ErrorCode::UnknownModel => {
                 Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
                     .param("model")

@@ -67,6 +67,10 @@ async fn submit(client: &Client, job: Job) -> JobOutcome {
                 inputs: e.embeddings.len() as u64,
                 tokens: e.token_counts.iter().map(|&t| u64::from(t)).sum(),
             },
+            Outcome::Reranked(r) => JobOutcome::Ok {
+                inputs: r.token_counts.len() as u64,
+                tokens: r.token_counts.iter().map(|&t| u64::from(t)).sum(),
+            },
             Outcome::Error(err) => JobOutcome::Error(err.code.as_str().into()),
         },
         Err(err) => JobOutcome::Error(error_kind(&err).into()),

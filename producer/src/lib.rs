@@ -1,5 +1,5 @@
-//! The jetinfer client library: submit embedding jobs to JetStream and await
-//! their results.
+//! The jetinfer client library: submit embedding and rerank jobs to
+//! JetStream and await their results.
 //!
 //! A [`Client`] owns one result inbox (`results.<tenant>.<client-id>`); every
 //! job it submits names that inbox as its reply subject, and a dispatcher task
@@ -323,6 +323,22 @@ impl Client {
     /// result (embeddings or a typed error) up to the configured timeout.
     pub async fn submit(&self, job: Job) -> Result<JobResult, SubmitError> {
         self.submit_traced(job, None).await
+    }
+
+    /// Scores `documents` against `query` with the cross-encoder a worker
+    /// serves as `model`: a rerank job, answered with the `top_n` best
+    /// documents (all when `None`), best first
+    /// ([`JobResult::into_reranked`]), or a typed error (`unsupported_task`
+    /// from a worker serving an embedding model).
+    pub async fn rerank(
+        &self,
+        model: &str,
+        query: impl Into<String>,
+        documents: Vec<String>,
+        top_n: Option<u32>,
+    ) -> Result<JobResult, SubmitError> {
+        self.submit(Job::rerank(model, query, documents, top_n))
+            .await
     }
 
     /// [`Client::submit`] as part of the caller's trace: `traceparent` (W3C

@@ -45,6 +45,9 @@ struct Cli {
 enum Command {
     /// Embed texts given as arguments (one job), or stdin lines (a job per line).
     Embed(EmbedArgs),
+    /// Score documents against a query with a cross-encoder model (one
+    /// rerank job); prints them best first.
+    Rerank(RerankArgs),
     /// Inspect and replay dead letters: jobs given up on, with the reason.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -157,6 +160,27 @@ struct EmbedArgs {
     summary: bool,
 }
 
+#[derive(Args)]
+struct RerankArgs {
+    /// The query the documents are scored against.
+    query: String,
+    /// The documents, at least one.
+    #[arg(required = true)]
+    documents: Vec<String>,
+    /// Model name of a worker serving a cross-encoder (its `model.name`).
+    #[arg(long)]
+    model: String,
+    /// Print only the N best documents.
+    #[arg(long)]
+    top_n: Option<u32>,
+    /// Refuse pairs longer than the model takes instead of truncating them.
+    #[arg(long)]
+    reject_long: bool,
+    /// Print one human-readable line per document instead of JSON.
+    #[arg(long)]
+    summary: bool,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     tracing_subscriber::fmt()
@@ -189,6 +213,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 .await
                 .context("connecting to NATS")?;
             embed(&client, args).await
+        }
+        Command::Rerank(args) => {
+            let client = Client::connect(config)
+                .await
+                .context("connecting to NATS")?;
+            rerank(&client, args).await
         }
         Command::Bulk(command) => bulk(&config, command).await,
         Command::Dlq(command) => {
@@ -460,6 +490,61 @@ async fn embed(client: &Client, args: EmbedArgs) -> anyhow::Result<std::process:
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Reranks and prints; the exit code is 1 when the job failed.
+async fn rerank(client: &Client, args: RerankArgs) -> anyhow::Result<std::process::ExitCode> {
+    let options = JobOptions {
+        truncation: if args.reject_long {
+            Truncation::Reject
+        } else {
+            Truncation::Truncate
+        },
+        ..JobOptions::default()
+    };
+    let job = Job::rerank(&args.model, &args.query, args.documents.clone(), args.top_n)
+        .with_options(options);
+    let job_id = job.id.clone();
+    let line = match client.submit(job).await {
+        Ok(result) => {
+            let failed = !matches!(result.outcome, Outcome::Reranked(_));
+            let line = if args.summary {
+                render_rerank_summary(&result, &args.documents)
+            } else {
+                render(&result, false)
+            };
+            println!("{line}");
+            if failed {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Err(err) => {
+            let code = submit_error_code(&err);
+            json!({"job_id": job_id, "error": {"code": code, "message": err.to_string()}})
+                .to_string()
+        }
+    };
+    println!("{line}");
+    Ok(std::process::ExitCode::FAILURE)
+}
+
+/// One line per document, best first: rank, score, index, the document's start.
+fn render_rerank_summary(result: &JobResult, documents: &[String]) -> String {
+    match &result.outcome {
+        Outcome::Reranked(r) => r
+            .results
+            .iter()
+            .enumerate()
+            .map(|(rank, s)| {
+                let text = documents.get(s.index as usize).map_or("", String::as_str);
+                let head: String = text.chars().take(60).collect();
+                format!("{:>3}. {:.4}  #{}  {head}", rank + 1, s.score, s.index)
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => render(result, true),
+    }
+}
+
 fn submit_error_code(err: &SubmitError) -> &'static str {
     match err {
         SubmitError::UnknownModel(_) => "unknown_model",
@@ -505,5 +590,20 @@ fn render(result: &JobResult, summary: bool) -> String {
             .collect::<Vec<_>>()
             .join("\n"),
         (Outcome::Error(err), true) => format!("{}  error {}: {}", result.job_id, err.code, err.message),
+        (Outcome::Reranked(r), false) => json!({
+            "job_id": result.job_id,
+            "model": r.model,
+            "results": r.results,
+            "token_counts": r.token_counts,
+            "truncated": r.truncated,
+            "timings": r.timings,
+        })
+        .to_string(),
+        (Outcome::Reranked(r), true) => r
+            .results
+            .iter()
+            .map(|s| format!("{}#{}  score {:.4}  logit {:+.4}", result.job_id, s.index, s.score, s.logit))
+            .collect::<Vec<_>>()
+            .join("\n"),
     }
 }

@@ -38,6 +38,9 @@ pub enum ErrorCode {
     /// The job's bulk run was cancelled (`jetinfer bulk cancel`) before the
     /// job was computed.
     Cancelled,
+    /// The job asks for a task (embed, rerank) that the worker serving its
+    /// model does not perform, or one no version knows.
+    UnsupportedTask,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -59,6 +62,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::TooCostly => "too_costly",
             Self::Cancelled => "cancelled",
+            Self::UnsupportedTask => "unsupported_task",
             Self::Unknown => "unknown",
         }
     }

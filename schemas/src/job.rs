@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{MAX_JOB_ID_LEN, MAX_MODEL_NAME_LEN};
-use crate::{ErrorCode, JobError, Limits, WIRE_VERSION};
+use crate::{ErrorCode, JobError, Limits, EMBED_WIRE_VERSION, RERANK_WIRE_VERSION, WIRE_VERSION};
 
 /// A job id: the producer's own, or a generated ULID. It is also the
 /// `Nats-Msg-Id` JetStream de-duplicates on, so resubmitting a job with the
@@ -60,7 +60,55 @@ impl JobOptions {
     }
 }
 
-/// An embedding job: one or more texts for one model.
+/// What a job asks of its model. Absent on the wire means [`Task::Embed`],
+/// so every wire-version-1 job is an embedding job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// One embedding per input.
+    #[default]
+    Embed,
+    /// One relevance score per document (the job's `inputs`) against the
+    /// job's [`RerankQuery`], by a cross-encoder. Written as wire version 2,
+    /// so a worker of version 1 refuses it (`unsupported_version`) instead of
+    /// embedding the documents.
+    Rerank,
+    /// A task this version does not know: answered `unsupported_task`.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Embed => "embed",
+            Task::Rerank => "rerank",
+            Task::Unknown => "unknown",
+        }
+    }
+
+    fn is_embed(&self) -> bool {
+        *self == Task::Embed
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The query a rerank job scores its documents against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RerankQuery {
+    pub query: String,
+    /// Answer only the `top_n` best-scoring documents (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_n: Option<u32>,
+}
+
+/// A job: one or more texts for one model, to embed, or to score against a
+/// query ([`Task::Rerank`]: the texts are the documents).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     #[serde(default = "wire_version")]
@@ -68,7 +116,14 @@ pub struct Job {
     pub id: JobId,
     /// Model name as it appears in the subject (`jobs.<model>.<tenant>`).
     pub model: String,
+    /// Absent for embedding jobs, so older readers see the job they know.
+    #[serde(default, skip_serializing_if = "Task::is_embed")]
+    pub task: Task,
+    /// The texts to embed, or a rerank job's documents.
     pub inputs: Vec<String>,
+    /// A rerank job's query (present exactly when `task` is rerank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<RerankQuery>,
     #[serde(default)]
     pub options: JobOptions,
     /// Answer by this time (Unix epoch, milliseconds) or not at all.
@@ -81,15 +136,37 @@ fn wire_version() -> u16 {
 }
 
 impl Job {
-    /// A job with a fresh ULID id and default options.
+    /// An embedding job with a fresh ULID id and default options, written
+    /// as wire version 1 so workers of every version take it.
     pub fn new(model: impl Into<String>, inputs: Vec<String>) -> Self {
         Self {
-            version: WIRE_VERSION,
+            version: EMBED_WIRE_VERSION,
             id: ulid::Ulid::new().to_string(),
             model: model.into(),
+            task: Task::Embed,
             inputs,
+            rerank: None,
             options: JobOptions::default(),
             deadline_unix_ms: None,
+        }
+    }
+
+    /// A rerank job: `documents` scored against `query` by a cross-encoder,
+    /// answered with the `top_n` best (all when `None`), best first.
+    pub fn rerank(
+        model: impl Into<String>,
+        query: impl Into<String>,
+        documents: Vec<String>,
+        top_n: Option<u32>,
+    ) -> Self {
+        Self {
+            version: RERANK_WIRE_VERSION,
+            task: Task::Rerank,
+            rerank: Some(RerankQuery {
+                query: query.into(),
+                top_n,
+            }),
+            ..Self::new(model, documents)
         }
     }
 
@@ -127,6 +204,16 @@ impl Job {
                 format!("model name must be 1 to {MAX_MODEL_NAME_LEN} bytes"),
             ));
         }
+        match self.task {
+            Task::Embed => {}
+            Task::Rerank => return self.validate_rerank(limits),
+            Task::Unknown => {
+                return Err(JobError::new(
+                    ErrorCode::UnsupportedTask,
+                    "job asks for a task this worker does not know (it knows embed and rerank)",
+                ))
+            }
+        }
         if self.options.dimensions == Some(0) {
             return Err(JobError::new(
                 ErrorCode::InvalidInput,
@@ -150,23 +237,68 @@ impl Job {
             ));
         }
         for (index, input) in self.inputs.iter().enumerate() {
-            // Byte length bounds the character count from above, so most
-            // inputs skip the character walk.
-            if input.len() > limits.max_chars_per_input {
-                let chars = input.chars().count();
-                if chars > limits.max_chars_per_input {
-                    return Err(JobError::new(
-                        ErrorCode::InputTooLong,
-                        format!(
-                            "input {index} has {chars} characters, the limit is {}",
-                            limits.max_chars_per_input
-                        ),
-                    ));
-                }
-            }
+            check_chars(&format!("input {index}"), input, limits)?;
         }
         Ok(())
     }
+
+    /// A rerank job's own rules: a query, 1 to `max_documents_per_rerank`
+    /// documents, each text within `max_chars_per_input`.
+    fn validate_rerank(&self, limits: &Limits) -> Result<(), JobError> {
+        let Some(rerank) = &self.rerank else {
+            return Err(JobError::new(
+                ErrorCode::InvalidInput,
+                "rerank job has no query: send `rerank.query`",
+            ));
+        };
+        if self.inputs.is_empty() {
+            return Err(JobError::new(
+                ErrorCode::InvalidInput,
+                "rerank job has no documents: send at least one",
+            ));
+        }
+        if self.inputs.len() > limits.max_documents_per_rerank {
+            return Err(JobError::new(
+                ErrorCode::TooManyInputs,
+                format!(
+                    "rerank job has {} documents, the limit is {}: split it into several jobs",
+                    self.inputs.len(),
+                    limits.max_documents_per_rerank
+                ),
+            ));
+        }
+        if rerank.top_n == Some(0) {
+            return Err(JobError::new(
+                ErrorCode::InvalidInput,
+                "top_n is 0: ask for at least one document, or leave it out for all",
+            ));
+        }
+        check_chars("the query", &rerank.query, limits)?;
+        for (index, document) in self.inputs.iter().enumerate() {
+            check_chars(&format!("document {index}"), document, limits)?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` within `max_chars_per_input` characters, or `input_too_long`
+/// naming it as `what`.
+fn check_chars(what: &str, text: &str, limits: &Limits) -> Result<(), JobError> {
+    // Byte length bounds the character count from above, so most texts
+    // skip the character walk.
+    if text.len() > limits.max_chars_per_input {
+        let chars = text.chars().count();
+        if chars > limits.max_chars_per_input {
+            return Err(JobError::new(
+                ErrorCode::InputTooLong,
+                format!(
+                    "{what} has {chars} characters, the limit is {}",
+                    limits.max_chars_per_input
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A job id must be safe as a header value and short: 1 to 128 printable ASCII

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MAX_JOB_BYTES: usize = 1024 * 1024;
 /// Default most inputs one job may carry.
 pub const DEFAULT_MAX_INPUTS_PER_JOB: usize = 256;
+/// Default most documents one rerank job may carry: each is a forward pass
+/// of its own (query and document together), so fewer than embedding inputs.
+pub const DEFAULT_MAX_DOCUMENTS_PER_RERANK: usize = 128;
 /// Default most characters (Unicode scalar values) one input may have.
 pub const DEFAULT_MAX_CHARS_PER_INPUT: usize = 32 * 1024;
 /// Longest job id: it doubles as JetStream's `Nats-Msg-Id` header.
@@ -24,6 +27,8 @@ pub struct Limits {
     pub max_inputs_per_job: usize,
     /// Most characters per input, counted before tokenisation.
     pub max_chars_per_input: usize,
+    /// Most documents per rerank job.
+    pub max_documents_per_rerank: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +37,7 @@ impl Default for Limits {
             max_job_bytes: DEFAULT_MAX_JOB_BYTES,
             max_inputs_per_job: DEFAULT_MAX_INPUTS_PER_JOB,
             max_chars_per_input: DEFAULT_MAX_CHARS_PER_INPUT,
+            max_documents_per_rerank: DEFAULT_MAX_DOCUMENTS_PER_RERANK,
         }
     }
 }

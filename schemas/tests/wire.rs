@@ -199,6 +199,7 @@ fn validation_names_the_limit_that_was_broken() {
         max_job_bytes: 1 << 20,
         max_inputs_per_job: 2,
         max_chars_per_input: 5,
+        ..Limits::default()
     };
     let code = |job: Job| job.validate(&limits).unwrap_err().code;
 
@@ -328,4 +329,126 @@ fn dimensions_of_zero_or_past_the_model_width_are_invalid_input() {
     assert_eq!(wide.code, ErrorCode::InvalidInput);
     assert!(wide.message.contains("384"), "{}", wide.message);
     assert!(JobOptions::default().check_dimensions(384).is_ok());
+}
+
+/// The job as a version-1 reader sees it: its fields, by name.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct V1Job {
+    version: u16,
+    id: String,
+    model: String,
+    inputs: Vec<String>,
+    options: JobOptions,
+    #[serde(default)]
+    deadline_unix_ms: Option<u64>,
+}
+
+#[test]
+fn embedding_jobs_stay_version_1_with_no_new_fields() {
+    let job = Job::new("minilm", vec!["hello".into()]);
+    assert_eq!(job.version, EMBED_WIRE_VERSION);
+    let v1: V1Job = rmp_serde::from_slice(&encode_job(&job)).expect("a v1 reader reads it");
+    assert_eq!(v1.version, 1);
+    assert!(job.validate(&Limits::default()).is_ok());
+    let result = sample_result();
+    assert_eq!(result.version, EMBED_WIRE_VERSION);
+}
+
+#[test]
+fn rerank_jobs_are_version_2_so_version_1_workers_refuse_them() {
+    let job = Job::rerank("ce", "cold rain", vec!["warm sun".into()], Some(1));
+    assert_eq!(job.version, RERANK_WIRE_VERSION);
+    let back = decode_job(&encode_job(&job), &Limits::default()).unwrap();
+    assert_eq!(back, job);
+    assert_eq!(back.task, Task::Rerank);
+    assert_eq!(back.rerank.unwrap().top_n, Some(1));
+    // A version-1 worker refuses any job above version 1, typed
+    // (`unsupported_version`), rather than embedding its documents.
+    assert!(job.version > EMBED_WIRE_VERSION);
+}
+
+#[test]
+fn a_task_no_version_knows_decodes_and_is_refused_unsupported_task() {
+    #[derive(serde::Serialize)]
+    struct Newer<'a> {
+        version: u16,
+        id: &'a str,
+        model: &'a str,
+        task: &'a str,
+        inputs: Vec<&'a str>,
+    }
+    let bytes = rmp_serde::to_vec_named(&Newer {
+        version: 2,
+        id: "j",
+        model: "m",
+        task: "classify",
+        inputs: vec!["x"],
+    })
+    .unwrap();
+    let job = decode_job(&bytes, &Limits::default()).expect("decodes");
+    assert_eq!(job.task, Task::Unknown);
+    let err = job.validate(&Limits::default()).unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnsupportedTask);
+}
+
+#[test]
+fn rerank_validation_names_what_was_wrong() {
+    let limits = Limits {
+        max_documents_per_rerank: 2,
+        max_chars_per_input: 10,
+        ..Limits::default()
+    };
+    let code = |job: Job| job.validate(&limits).unwrap_err().code;
+    let docs = |n: usize| vec!["doc".to_string(); n];
+    assert!(Job::rerank("m", "q", docs(2), None)
+        .validate(&limits)
+        .is_ok());
+    assert_eq!(
+        code(Job::rerank("m", "q", docs(0), None)),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(Job::rerank("m", "q", docs(3), None)),
+        ErrorCode::TooManyInputs
+    );
+    assert_eq!(
+        code(Job::rerank("m", "q", docs(1), Some(0))),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(Job::rerank("m", "a query too long", docs(1), None)),
+        ErrorCode::InputTooLong
+    );
+    let mut no_query = Job::rerank("m", "q", docs(1), None);
+    no_query.rerank = None;
+    assert_eq!(code(no_query), ErrorCode::InvalidInput);
+}
+
+#[test]
+fn rerank_results_round_trip_and_are_not_embeddings() {
+    let reranked = Reranked {
+        model: ModelInfo {
+            id: "ce".into(),
+            revision: "r".into(),
+            dimension: 1,
+        },
+        results: vec![RerankScore {
+            index: 1,
+            score: 0.7,
+            logit: 0.85,
+        }],
+        token_counts: vec![5, 7],
+        truncated: vec![false, false],
+        timings: Timings::default(),
+    };
+    let result = JobResult::reranked("j".into(), reranked.clone());
+    assert_eq!(result.version, RERANK_WIRE_VERSION);
+    let back = decode_result(&encode_result(&result)).unwrap();
+    assert_eq!(back.clone().into_reranked().unwrap(), reranked);
+    assert_eq!(
+        back.into_result().unwrap_err().code,
+        ErrorCode::UnsupportedTask
+    );
 }

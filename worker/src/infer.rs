@@ -14,7 +14,7 @@ use std::time::Instant;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Tokens};
 use crate::batch::{Batch, Batches, Waiting};
 use crate::job::{BatchRun, InFlightJob};
 use crate::supervise::{panic_message, Failure, Stage, Supervisor};
@@ -76,11 +76,7 @@ fn run(
             .into_iter()
             .partition(|w| w.job.stale(now).is_none());
         batch.items = live;
-        let inputs: Vec<&[u32]> = batch
-            .items
-            .iter()
-            .map(|w| w.job.tokens[w.input].ids.as_slice())
-            .collect();
+        let inputs: Vec<&Tokens> = batch.items.iter().map(|w| &w.job.tokens[w.input]).collect();
         let started = OffsetDateTime::now_utc();
         let clock = Instant::now();
         let embeddings = match embed(backend, &inputs) {
@@ -124,7 +120,7 @@ fn run(
 /// is unusable: nothing more can be computed here.
 fn embed(
     backend: &dyn Backend,
-    inputs: &[&[u32]],
+    inputs: &[&Tokens],
 ) -> Result<Vec<Result<Vec<f32>, BackendError>>, BackendError> {
     if inputs.is_empty() {
         return Ok(Vec::new());
@@ -152,9 +148,10 @@ fn embed(
     }
 }
 
-/// `Backend::embed` with its panics caught and its count checked.
-fn checked_embed(backend: &dyn Backend, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {
-    let vectors = std::panic::catch_unwind(AssertUnwindSafe(|| backend.embed(inputs)))
+/// `Backend::run` (embed, or classify for a reranking model) with its
+/// panics caught and its count checked.
+fn checked_embed(backend: &dyn Backend, inputs: &[&Tokens]) -> Result<Vec<Vec<f32>>, BackendError> {
+    let vectors = std::panic::catch_unwind(AssertUnwindSafe(|| backend.run(inputs)))
         .map_err(|payload| BackendError::Panicked(panic_message(payload.as_ref())))??;
     if vectors.len() != inputs.len() {
         return Err(BackendError::WrongCount {

@@ -14,7 +14,8 @@ use futures::StreamExt;
 use jetinfer_nats::publish::valid_traceparent;
 use jetinfer_nats::subjects::{self, ForbiddenReply, ReplyPolicy};
 use jetinfer_schemas::{
-    decode_job, escape_within, headers, ErrorCode, Job, JobError, Limits, Truncation, Untrusted,
+    decode_job, escape_within, headers, ErrorCode, Job, JobError, Limits, Task, Truncation,
+    Untrusted,
 };
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use tracing::Instrument;
 
 use std::sync::atomic::AtomicBool;
 
-use crate::backend::{Backend, Tokens};
+use crate::backend::{Backend, BackendError, Tokens};
 use crate::cancel::{cancelled_error, Cancellations};
 use crate::config::PullConfig;
 use crate::job::{deadline_error, expired, InFlightJob};
@@ -117,6 +118,7 @@ impl Intake {
         }
         let rules = Rules {
             model: &self.model,
+            task: self.backend.task(),
             limits: &self.limits,
             reply: &self.reply,
         };
@@ -209,21 +211,23 @@ impl Intake {
                 .await;
             return None;
         }
-        Some(
-            InFlightJob::new(
-                key,
-                delivered,
-                job.id,
-                job.options,
-                job.deadline_unix_ms,
-                reply_to,
-                delivery,
-                published,
-                tokens,
-            )
-            .with_cancel_flag(cancel_flag)
-            .with_tenant(tenant),
+        let admitted = InFlightJob::new(
+            key,
+            delivered,
+            job.id,
+            job.options,
+            job.deadline_unix_ms,
+            reply_to,
+            delivery,
+            published,
+            tokens,
         )
+        .with_cancel_flag(cancel_flag)
+        .with_tenant(tenant);
+        Some(match job.rerank {
+            Some(rerank) if job.task == Task::Rerank => admitted.with_rerank(rerank.top_n),
+            _ => admitted,
+        })
     }
 
     /// Answers a job a limit refused and terminates it: no dead letter, since
@@ -242,26 +246,38 @@ impl Intake {
         Some(self.cancellations.flag(tenant, run?))
     }
 
-    /// Tokenises every input on a blocking thread.
+    /// Tokenises every input on a blocking thread: each text of an
+    /// embedding job, each (query, document) pair of a rerank job.
     async fn tokenize(&self, job: &Job) -> Result<Vec<Tokens>, JobError> {
         let backend = Arc::clone(&self.backend);
         let inputs = job.inputs.clone();
+        let query = job.rerank.as_ref().map(|r| r.query.clone());
         let reject_long = job.options.truncation == Truncation::Reject;
-        let tokens = tokio::task::spawn_blocking(move || {
-            inputs
+        let tokens = tokio::task::spawn_blocking(move || match query {
+            Some(query) => backend.tokenize_pairs(&query, &inputs),
+            None => inputs
                 .iter()
                 .map(|text| backend.tokenize(text))
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>(),
         })
         .await
         .map_err(|e| JobError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| JobError::new(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| match e {
+            BackendError::QueryTooLong { .. } => {
+                JobError::new(ErrorCode::InputTooLong, format!("{e}: shorten the query"))
+            }
+            other => JobError::new(ErrorCode::Internal, other.to_string()),
+        })?;
         if reject_long {
             if let Some(index) = tokens.iter().position(|t| t.truncated) {
+                let what = match job.task {
+                    Task::Rerank => format!("document {index} with the query"),
+                    _ => format!("input {index}"),
+                };
                 return Err(JobError::new(
                     ErrorCode::InputTooLong,
                     format!(
-                        "input {index} is longer than the model's {} tokens; shorten it or allow truncation",
+                        "{what} is longer than the model's {} tokens; shorten it or allow truncation",
                         self.backend.max_seq_len()
                     ),
                 ));
@@ -467,6 +483,9 @@ fn quote_marker(what: &str) -> String {
 pub struct Rules<'a> {
     /// The one model this worker serves: the model allow-list.
     pub model: &'a str,
+    /// What that model does (embed or rerank): a job asking for the other
+    /// task is answered `unsupported_task`.
+    pub task: Task,
     pub limits: &'a Limits,
     pub reply: &'a ReplyPolicy,
 }
@@ -501,7 +520,8 @@ pub enum Refusal {
 /// reply subject), the reply subject (so not even an error reply goes
 /// anywhere it should not),
 /// the message size (before decoding), decoding (MessagePack, UTF-8), the
-/// limits, the model allow-list, the deadline.
+/// limits (per task), the model allow-list, the task the model serves, the
+/// deadline.
 pub fn screen(
     subject: &str,
     headers: &JobHeaders,
@@ -553,6 +573,18 @@ pub fn screen(
                 format!(
                     "model {:?} is not served on this subject (this worker serves {:?})",
                     job.model, rules.model
+                ),
+            ),
+        ));
+    }
+    if job.task != rules.task {
+        return Err(refuse(
+            &job.id,
+            JobError::new(
+                ErrorCode::UnsupportedTask,
+                format!(
+                    "model {:?} serves {} jobs, this job asks for {}",
+                    rules.model, rules.task, job.task
                 ),
             ),
         ));

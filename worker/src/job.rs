@@ -8,10 +8,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jetinfer_schemas::{Embeddings, ErrorCode, JobError, JobOptions, ModelInfo, Timings};
+use jetinfer_schemas::{
+    Embeddings, ErrorCode, JobError, JobOptions, ModelInfo, RerankScore, Reranked, Task, Timings,
+};
 use time::OffsetDateTime;
 
-use crate::backend::{l2_normalize, Tokens};
+use crate::backend::{l2_normalize, sigmoid, Tokens};
 use crate::settle::Delivery;
 
 pub struct InFlightJob {
@@ -36,6 +38,11 @@ pub struct InFlightJob {
     /// The tenant of the job's subject (screened at intake): what the
     /// batcher shares batches between and the ledger counts held jobs by.
     pub tenant: String,
+    /// Embed, or rerank: then `tokens` are (query, document) pairs and each
+    /// input's output is the classifier's logit.
+    pub task: Task,
+    /// A rerank job's `top_n`.
+    pub top_n: Option<u32>,
     assembly: Mutex<Assembly>,
 }
 
@@ -91,6 +98,8 @@ impl InFlightJob {
             span: tracing::Span::none(),
             cancelled: None,
             tenant: String::new(),
+            task: Task::Embed,
+            top_n: None,
             assembly: Mutex::new(assembly),
         }
     }
@@ -118,6 +127,13 @@ impl InFlightJob {
         self
     }
 
+    /// The job as a rerank job answering its `top_n` best documents.
+    pub fn with_rerank(mut self, top_n: Option<u32>) -> Self {
+        self.task = Task::Rerank;
+        self.top_n = top_n;
+        self
+    }
+
     /// Why the job should no longer be computed at `now`: its deadline passed
     /// or its bulk run was cancelled.
     pub fn stale(&self, now: OffsetDateTime) -> Option<JobError> {
@@ -132,14 +148,16 @@ impl InFlightJob {
 
     /// Records input `input`'s embedding; true when it was the job's last one.
     pub fn complete_input(&self, input: usize, mut embedding: Vec<f32>, run: BatchRun) -> bool {
-        // Truncated first, then normalised: OpenAI's `dimensions` gives
-        // unit vectors of the first N values (checked at intake to be
-        // within the model's width).
-        if let Some(n) = self.options.dimensions {
-            embedding.truncate(n as usize);
-        }
-        if self.options.normalize {
-            l2_normalize(&mut embedding);
+        if self.task == Task::Embed {
+            // Truncated first, then normalised: OpenAI's `dimensions` gives
+            // unit vectors of the first N values (checked at intake to be
+            // within the model's width).
+            if let Some(n) = self.options.dimensions {
+                embedding.truncate(n as usize);
+            }
+            if self.options.normalize {
+                l2_normalize(&mut embedding);
+            }
         }
         let mut a = self.assembly.lock().expect("assembly lock");
         if a.failed || a.embeddings[input].is_some() {
@@ -177,6 +195,51 @@ impl InFlightJob {
         Embeddings {
             model: model.clone(),
             embeddings,
+            token_counts: self.tokens.iter().map(|t| t.ids.len() as u32).collect(),
+            truncated: self.tokens.iter().map(|t| t.truncated).collect(),
+            timings: Timings {
+                queue_wait_us: micros(a.queue_wait.unwrap_or_default()),
+                inference_us: micros(a.inference),
+                batch_size: a.largest_batch as u32,
+            },
+        }
+    }
+
+    /// A finished rerank job's documents, best first (ties in document
+    /// order), cut to its `top_n`: each input's output is its logit.
+    pub fn take_reranked(&self, model: &ModelInfo) -> Reranked {
+        let a = self.assembly.lock().expect("assembly lock");
+        let mut results: Vec<RerankScore> = a
+            .embeddings
+            .iter()
+            .enumerate()
+            .map(|(index, logits)| {
+                let logit = logits
+                    .as_ref()
+                    .and_then(|l| l.first().copied())
+                    .expect("every input completed with one logit");
+                RerankScore {
+                    index: index as u32,
+                    score: sigmoid(logit),
+                    logit,
+                }
+            })
+            .collect();
+        // Stable: equal logits keep document order. A NaN sorts last.
+        let key = |s: &RerankScore| {
+            if s.logit.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s.logit
+            }
+        };
+        results.sort_by(|x, y| key(y).total_cmp(&key(x)));
+        if let Some(n) = self.top_n {
+            results.truncate(n as usize);
+        }
+        Reranked {
+            model: model.clone(),
+            results,
             token_counts: self.tokens.iter().map(|t| t.ids.len() as u32).collect(),
             truncated: self.tokens.iter().map(|t| t.truncated).collect(),
             timings: Timings {

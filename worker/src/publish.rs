@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use jetinfer_schemas::{ErrorCode, JobError, JobResult, ModelInfo, Untrusted};
+use jetinfer_schemas::{ErrorCode, JobError, JobResult, ModelInfo, Task, Untrusted};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -74,7 +74,10 @@ pub async fn run(model: ModelInfo, settler: Settler, mut done: mpsc::Receiver<Do
             if job.expired(OffsetDateTime::now_utc()) {
                 settler.give_up_job(&job, deadline_error(), false).await;
             } else {
-                let result = JobResult::ok(job.id.clone(), job.take_embeddings(&model));
+                let result = match job.task {
+                    Task::Rerank => JobResult::reranked(job.id.clone(), job.take_reranked(&model)),
+                    _ => JobResult::ok(job.id.clone(), job.take_embeddings(&model)),
+                };
                 answered.push((job, result));
             }
         }

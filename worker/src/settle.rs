@@ -505,6 +505,13 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
             );
             jetinfer_monitoring::OUTCOME_OK
         }
+        Outcome::Reranked(r) => {
+            jetinfer_monitoring::job_queue_wait(
+                model,
+                Duration::from_micros(r.timings.queue_wait_us),
+            );
+            jetinfer_monitoring::OUTCOME_OK
+        }
         Outcome::Error(err) => err.code.as_str(),
     };
     let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();

@@ -13,7 +13,7 @@
 use async_nats::HeaderMap;
 use jetinfer_nats::publish::valid_traceparent;
 use jetinfer_nats::subjects::{self, ReplyPolicy};
-use jetinfer_schemas::{encode_job, headers, ErrorCode, Job, JobOptions, Limits, Truncation};
+use jetinfer_schemas::{encode_job, headers, ErrorCode, Job, JobOptions, Limits, Task, Truncation};
 use jetinfer_worker::intake::{screen, JobHeaders, Refusal, Rules};
 use proptest::prelude::*;
 use time::OffsetDateTime;
@@ -24,6 +24,7 @@ const LIMITS: Limits = Limits {
     max_job_bytes: 512,
     max_inputs_per_job: 4,
     max_chars_per_input: 30,
+    max_documents_per_rerank: 4,
 };
 
 const INJECTIONS: &[&str] = &[
@@ -229,7 +230,7 @@ proptest! {
         payload in job_bytes(),
     ) {
         let policy = ReplyPolicy::default();
-        let rules = Rules { model: MODEL, limits: &LIMITS, reply: &policy };
+        let rules = Rules { model: MODEL, task: Task::Embed, limits: &LIMITS, reply: &policy };
         let map = header_map(&reply_to, &msg_id, &traceparent, &bulk_run, &extra);
         let headers = JobHeaders::read(Some(&map));
         let reply_to = map.get(headers::REPLY_TO).map(|r| r.as_str().to_string());

@@ -304,6 +304,7 @@ async fn input_limits_refuse_jobs_with_typed_errors_before_any_work() {
         max_job_bytes: 4096,
         max_inputs_per_job: 4,
         max_chars_per_input: 1000,
+        ..Limits::default()
     };
     let worker = start_worker(config, echo()).await;
     let nats = async_nats::connect(server.url()).await.unwrap();

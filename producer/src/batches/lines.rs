@@ -305,6 +305,7 @@ pub fn failed(custom_id: &str, job_id: &str, error: &JobError) -> Vec<u8> {
         | ErrorCode::TooManyInputs
         | ErrorCode::PayloadTooLarge
         | ErrorCode::UnsupportedVersion
+        | ErrorCode::UnsupportedTask
         | ErrorCode::TooCostly => (400, "invalid_request_error", error.code.as_str()),
     };
     http_error(custom_id, job_id, status, kind, None, code, &error.message)

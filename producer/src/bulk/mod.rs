@@ -513,7 +513,7 @@ async fn status_of(
         match result.outcome {
             Outcome::Ok(_) => done += 1,
             Outcome::Error(e) if e.code == ErrorCode::Cancelled => cancelled_jobs += 1,
-            Outcome::Error(_) => failed += 1,
+            Outcome::Error(_) | Outcome::Reranked(_) => failed += 1,
         }
     }
     let answered = done + failed + cancelled_jobs;

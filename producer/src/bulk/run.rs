@@ -282,6 +282,16 @@ pub async fn drive<D: Driver>(
                         counts.failed += 1;
                         driver.write_failed(custom_id, &result.job_id, err)
                     }
+                    // Runs submit embedding jobs only: a worker answering
+                    // with rerank scores answered another job.
+                    Outcome::Reranked(_) => {
+                        counts.failed += 1;
+                        let err = JobError::new(
+                            ErrorCode::UnsupportedTask,
+                            "the worker answered with rerank scores, not embeddings",
+                        );
+                        driver.write_failed(custom_id, &result.job_id, &err)
+                    }
                 };
                 if let Err(err) = written {
                     break Err(err);

@@ -23,6 +23,7 @@
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
+mod heads;
 mod kernels;
 mod matmul;
 
@@ -222,6 +223,8 @@ pub enum Pooling {
     Mean,
     /// The first (`[CLS]`) token.
     Cls,
+    /// Each dimension's largest value over the input's tokens.
+    Max,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +255,17 @@ pub enum ForwardError {
     },
     #[error("input {index} has token id {id}, outside the vocabulary of {vocab}")]
     UnknownToken { index: usize, id: u32, vocab: usize },
+    #[error("input {index} has {types} token type ids for {len} tokens, or one outside the model's {type_vocab} types")]
+    TokenTypes {
+        index: usize,
+        len: usize,
+        types: usize,
+        type_vocab: usize,
+    },
+    #[error(
+        "this model has no sequence classification head (load it with `Bert::load_classifier`)"
+    )]
+    NoClassifier,
 }
 
 /// Time spent in each stage of the forward, summed over layers and calls:
@@ -334,8 +348,13 @@ pub struct Bert {
     /// `[max_positions, hidden]`, with token type 0 already added: sentence
     /// embedding inputs are single segments.
     position_embeddings: Vec<f32>,
+    /// `[type_vocab, hidden]`: each token type's embedding minus type 0's,
+    /// added for tokens of a second segment (a cross-encoder's document).
+    token_type_deltas: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// The sequence classification head, when loaded as a classifier.
+    classifier: Option<heads::Classifier>,
     /// Activations kept between calls: fresh multi-megabyte buffers per batch
     /// would be fresh pages, and page faults cost as much as the LayerNorms.
     scratch: Mutex<Scratch>,
@@ -414,6 +433,15 @@ impl Bert {
         config: Config,
         matmul: Matmul,
     ) -> Result<Self, LoadError> {
+        Self::build(tensors, config, matmul, None)
+    }
+
+    fn build(
+        tensors: HashMap<String, Tensor>,
+        config: Config,
+        matmul: Matmul,
+        labels: Option<usize>,
+    ) -> Result<Self, LoadError> {
         // `auto` skips the products that cannot take the model's widths.
         let matmul = matmul.resolve_for(|m| widths_fit(m, &config));
         if !matmul.available() {
@@ -469,6 +497,10 @@ impl Bert {
                 *p += t;
             }
         }
+        let token_type_deltas = token_types
+            .chunks_exact(hidden)
+            .flat_map(|row| row.iter().zip(token_type).map(|(t, t0)| t - t0))
+            .collect();
         let embedding_norm = w.layer_norm("embeddings.LayerNorm", hidden, eps)?;
 
         let mut layers = (0..config.num_hidden_layers)
@@ -517,15 +549,41 @@ impl Bert {
             }
         }
 
+        let classifier = match labels {
+            Some(labels) => Some(heads::Classifier::load(&w, hidden, labels)?),
+            None => None,
+        };
+
         Ok(Self {
             config,
             matmul,
             word_embeddings,
             position_embeddings,
+            token_type_deltas,
             embedding_norm,
             layers,
+            classifier,
             scratch: Mutex::default(),
         })
+    }
+
+    /// Loads a `BertForSequenceClassification` checkpoint: the encoder and
+    /// its head (pooler and classifier) with `labels` outputs, for
+    /// [`Bert::classify`].
+    pub fn load_classifier(
+        weights: &Path,
+        config: Config,
+        matmul: Matmul,
+        labels: usize,
+    ) -> Result<Self, LoadError> {
+        let tensors = candle_core::safetensors::load(weights, &Device::Cpu)?;
+        Self::build(tensors, config, matmul, Some(labels))
+    }
+
+    /// How many logits [`Bert::classify`] returns per input (`None`: this
+    /// model has no classification head).
+    pub fn labels(&self) -> Option<usize> {
+        self.classifier.as_ref().map(heads::Classifier::labels)
     }
 
     pub fn config(&self) -> &Config {
@@ -540,7 +598,24 @@ impl Bert {
     /// One pooled (not normalised) embedding per input, in order. Each input
     /// is token ids with special tokens, at most `max_position_embeddings`.
     pub fn embed(&self, batch: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, ForwardError> {
-        self.forward(batch, pooling, None)
+        let hidden = self.config.hidden_size;
+        self.forward(batch, None, None, |rows| heads::pool(rows, hidden, pooling))
+    }
+
+    /// The classifier's logits, one vector per input, in order: each input
+    /// token ids with their token type ids (`[CLS] query [SEP]` type 0,
+    /// `document [SEP]` type 1), as `BertForSequenceClassification`
+    /// computes them. Needs a model loaded by [`Bert::load_classifier`].
+    pub fn classify(
+        &self,
+        batch: &[&[u32]],
+        type_ids: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let head = self.classifier.as_ref().ok_or(ForwardError::NoClassifier)?;
+        let hidden = self.config.hidden_size;
+        self.forward(batch, Some(type_ids), None, |rows| {
+            head.forward(&rows[..hidden])
+        })
     }
 
     /// [`Bert::embed`], adding the time of each stage to `times`.
@@ -550,20 +625,26 @@ impl Bert {
         pooling: Pooling,
         times: &mut StageTimes,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
-        self.forward(batch, pooling, Some(times))
+        let hidden = self.config.hidden_size;
+        self.forward(batch, None, Some(times), |rows| {
+            heads::pool(rows, hidden, pooling)
+        })
     }
 
+    /// The encoder over the packed batch, then `head` on each input's rows
+    /// (`[len, hidden]`).
     fn forward(
         &self,
         batch: &[&[u32]],
-        pooling: Pooling,
+        type_ids: Option<&[&[u32]]>,
         times: Option<&mut StageTimes>,
+        head: impl Fn(&[f32]) -> Vec<f32>,
     ) -> Result<Vec<Vec<f32>>, ForwardError> {
         let mut clock = Stopwatch {
             times,
             last: Instant::now(),
         };
-        let spans = self.check(batch)?;
+        let spans = self.check(batch, type_ids)?;
         let tokens: usize = batch.iter().map(|ids| ids.len()).sum();
         let hidden = self.config.hidden_size;
 
@@ -580,7 +661,7 @@ impl Bert {
         let context = sized(context, tokens * hidden);
         let intermediate = sized(intermediate, tokens * self.config.intermediate_size);
 
-        self.embeddings(batch, x);
+        self.embeddings(batch, type_ids, x);
         clock.mark(|t| &mut t.embeddings);
 
         for layer in &self.layers {
@@ -603,29 +684,36 @@ impl Bert {
 
         let pooled = spans
             .iter()
-            .map(|&(start, len)| {
-                let rows = &x[start * hidden..(start + len) * hidden];
-                match pooling {
-                    Pooling::Cls => rows[..hidden].to_vec(),
-                    Pooling::Mean => {
-                        let mut mean = vec![0.0f32; hidden];
-                        for row in rows.chunks_exact(hidden) {
-                            for (m, v) in mean.iter_mut().zip(row) {
-                                *m += v;
-                            }
-                        }
-                        mean.iter_mut().for_each(|m| *m /= len as f32);
-                        mean
-                    }
-                }
-            })
+            .map(|&(start, len)| head(&x[start * hidden..(start + len) * hidden]))
             .collect();
         clock.mark(|t| &mut t.pooling);
         Ok(pooled)
     }
 
     /// Validates the batch and returns each input's `(first row, rows)`.
-    fn check(&self, batch: &[&[u32]]) -> Result<Vec<(usize, usize)>, ForwardError> {
+    fn check(
+        &self,
+        batch: &[&[u32]],
+        type_ids: Option<&[&[u32]]>,
+    ) -> Result<Vec<(usize, usize)>, ForwardError> {
+        if let Some(types) = type_ids {
+            let type_vocab = self.config.type_vocab_size;
+            // A batch without one type list per input is the caller's bug:
+            // named by the first input that has none.
+            for (index, ids) in batch.iter().enumerate() {
+                let ok = types.get(index).is_some_and(|t| {
+                    t.len() == ids.len() && t.iter().all(|&t| (t as usize) < type_vocab)
+                });
+                if !ok {
+                    return Err(ForwardError::TokenTypes {
+                        index,
+                        len: ids.len(),
+                        types: types.get(index).map_or(0, |t| t.len()),
+                        type_vocab,
+                    });
+                }
+            }
+        }
         let mut spans = Vec::with_capacity(batch.len());
         let mut start = 0;
         for (index, ids) in batch.iter().enumerate() {
@@ -656,16 +744,25 @@ impl Bert {
         Ok(spans)
     }
 
-    fn embeddings(&self, batch: &[&[u32]], x: &mut [f32]) {
+    /// Word + position (+ token type 0) embeddings of every token, and the
+    /// second segment's token type where `type_ids` says (checked by
+    /// [`Bert::check`]).
+    fn embeddings(&self, batch: &[&[u32]], type_ids: Option<&[&[u32]]>, x: &mut [f32]) {
         let hidden = self.config.hidden_size;
         let mut rows = x.chunks_exact_mut(hidden);
-        for ids in batch {
+        for (index, ids) in batch.iter().enumerate() {
+            let types = type_ids.map(|t| t[index]);
             for (position, &id) in ids.iter().enumerate() {
                 let row = rows.next().expect("x has one row per token");
                 let word = &self.word_embeddings[id as usize * hidden..][..hidden];
                 let pos = &self.position_embeddings[position * hidden..][..hidden];
                 for ((r, w), p) in row.iter_mut().zip(word).zip(pos) {
                     *r = w + p;
+                }
+                let token_type = types.map_or(0, |t| t[position] as usize);
+                if token_type != 0 {
+                    let delta = &self.token_type_deltas[token_type * hidden..][..hidden];
+                    row.iter_mut().zip(delta).for_each(|(r, d)| *r += d);
                 }
             }
         }

@@ -102,6 +102,17 @@ fn reference_embed(model: &BertModel, batch: &[Vec<u32>], pooling: Pooling) -> V
             let summed = hidden.broadcast_mul(&mask).unwrap().sum(1).unwrap();
             summed.broadcast_div(&mask.sum(1).unwrap()).unwrap()
         }
+        Pooling::Max => {
+            // Padding pushed far below any value, so it never wins.
+            let pad = mask
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(1e9, -1e9)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap();
+            hidden.broadcast_add(&pad).unwrap().max(1).unwrap()
+        }
     };
     pooled.to_vec2().unwrap()
 }
@@ -143,7 +154,7 @@ fn random_mixed_length_batches_match_candle_bert() {
             .run(
                 &(
                     batch(),
-                    prop_oneof![Just(Pooling::Mean), Just(Pooling::Cls)],
+                    prop_oneof![Just(Pooling::Mean), Just(Pooling::Cls), Just(Pooling::Max)],
                 ),
                 |(batch, pooling)| {
                     let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();

@@ -1,6 +1,8 @@
-//! A BERT-family sentence-embedding model run by candle: mean pooling over real
-//! tokens, truncation at `max_seq_length` from `sentence_bert_config.json`, and
-//! padding only to the longest input of each batch.
+//! A BERT-family model run by candle: a sentence-embedding model (pooling
+//! from `1_Pooling/config.json`, mean when absent), truncation at
+//! `max_seq_length` from `sentence_bert_config.json`, and padding only to the
+//! longest input of each batch; or a cross-encoder for rerank jobs, when
+//! `config.json` names `BertForSequenceClassification` (packed forward).
 //!
 //! Two forward passes compute the same embeddings: jetinfer's own packed CPU
 //! forward (`jetinfer-bert`, the default on CPU: no padding at all) and
@@ -11,6 +13,7 @@
 //! (all-MiniLM-L6-v2's pads everything to 128 and cuts at 128); both are
 //! replaced here, or most compute goes to padding and long texts embed wrongly.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use jetinfer_bert::Pooling;
-use jetinfer_schemas::ModelInfo;
+use jetinfer_schemas::{ModelInfo, Task};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams};
@@ -26,25 +29,130 @@ use tokenizers::{Tokenizer, TruncationParams};
 use super::{Backend, BackendError, Tokens};
 use crate::config::{DeviceKind, Dtype, ForwardKind, ModelConfig};
 
+/// `[CLS]`, and `[SEP]` after each of query and document.
+const PAIR_SPECIAL_TOKENS: usize = 3;
+
 /// Hex digits of the weights' SHA-256 used as revision when none is configured.
 const REVISION_HEX_LEN: usize = 12;
 
-/// `sentence_bert_config.json`.
+/// `sentence_bert_config.json`. sentence-transformers 6 leaves
+/// `max_seq_length` out and keeps it as the tokenizer's `model_max_length`
+/// (`tokenizer_config.json`).
 #[derive(Deserialize)]
 struct SentenceBertConfig {
-    max_seq_length: usize,
+    max_seq_length: Option<usize>,
 }
 
-/// `1_Pooling/config.json`: only mean and CLS pooling are supported.
+/// `tokenizer_config.json`.
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    model_max_length: Option<f64>,
+}
+
+/// `1_Pooling/config.json` (sentence-transformers): `pooling_mode`, a mode
+/// name or a list of them (concatenated), or in older files one
+/// `pooling_mode_*` flag per mode. Read as sentence-transformers reads it:
+/// `pooling_mode` wins, no flag set means mean.
 #[derive(Deserialize, Default)]
 struct PoolingConfig {
     #[serde(default)]
-    pooling_mode_cls_token: bool,
+    pooling_mode: Option<PoolingModes>,
+    #[serde(flatten)]
+    flags: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PoolingModes {
+    One(String),
+    Several(Vec<String>),
+}
+
+/// The older files' flags and the mode each stands for, in
+/// sentence-transformers' order.
+const POOLING_FLAGS: [(&str, &str); 6] = [
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_max_tokens", "max"),
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+    ("pooling_mode_weightedmean_tokens", "weightedmean"),
+    ("pooling_mode_lasttoken", "lasttoken"),
+];
+
+impl PoolingConfig {
+    /// The pooling the file asks for, or why jetinfer cannot compute it:
+    /// mean, CLS and max are computed; any other mode, or several at once,
+    /// refuses to load, naming them.
+    fn pooling(&self) -> Result<Pooling, String> {
+        let modes: Vec<String> = match &self.pooling_mode {
+            Some(PoolingModes::One(mode)) => vec![mode.clone()],
+            Some(PoolingModes::Several(modes)) => modes.clone(),
+            None => POOLING_FLAGS
+                .iter()
+                .filter(|(flag, _)| self.flags.get(*flag).and_then(|v| v.as_bool()) == Some(true))
+                .map(|(_, mode)| mode.to_string())
+                .collect(),
+        };
+        match modes.as_slice() {
+            [] => Ok(Pooling::Mean),
+            [one] => match one.as_str() {
+                "mean" => Ok(Pooling::Mean),
+                "cls" => Ok(Pooling::Cls),
+                "max" => Ok(Pooling::Max),
+                other => Err(format!(
+                    "pooling mode {other:?} is not supported: jetinfer computes mean, cls or max"
+                )),
+            },
+            several => Err(format!(
+                "pooling modes {several:?} together (concatenated) are not supported: jetinfer computes one of mean, cls or max"
+            )),
+        }
+    }
+}
+
+/// What `config.json` says about the model's kind.
+#[derive(Deserialize)]
+struct Architecture {
+    #[serde(default)]
+    architectures: Vec<String>,
+    /// Labels of a classification head: one per output.
+    #[serde(default)]
+    id2label: BTreeMap<String, serde_json::Value>,
+}
+
+/// The architecture a cross-encoder's `config.json` names.
+const CROSS_ENCODER: &str = "BertForSequenceClassification";
+/// Outputs a cross-encoder must have: one relevance logit per pair.
+const RERANK_LABELS: usize = 1;
+
+impl Architecture {
+    /// The task the model directory serves, or why it serves none.
+    fn task(&self) -> Result<Task, String> {
+        if self.architectures.iter().any(|a| a == CROSS_ENCODER) {
+            let labels = self.id2label.len().max(1);
+            if labels != RERANK_LABELS {
+                return Err(format!(
+                    "{CROSS_ENCODER} with {labels} labels: reranking needs one relevance logit"
+                ));
+            }
+            return Ok(Task::Rerank);
+        }
+        if let Some(other) = self
+            .architectures
+            .iter()
+            .find(|a| a.ends_with("ForSequenceClassification"))
+        {
+            return Err(format!(
+                "architecture {other} is not served: cross-encoders must be {CROSS_ENCODER}"
+            ));
+        }
+        Ok(Task::Embed)
+    }
 }
 
 enum Encoder {
-    Packed(jetinfer_bert::Bert),
-    Candle(BertModel),
+    Packed(Box<jetinfer_bert::Bert>),
+    Candle(Box<BertModel>),
 }
 
 pub struct CandleBackend {
@@ -53,6 +161,7 @@ pub struct CandleBackend {
     device: Device,
     dtype: Dtype,
     pooling: Pooling,
+    task: Task,
     max_seq_len: usize,
     pad_id: u32,
     info: ModelInfo,
@@ -75,21 +184,39 @@ impl CandleBackend {
     pub fn load(config: &ModelConfig) -> Result<Self, BackendError> {
         let dir = &config.path;
         let device = device(config)?;
-        let bert: BertConfig = read_json(&dir.join("config.json"))?;
+        let config_file = dir.join("config.json");
+        let bert: BertConfig = read_json(&config_file)?;
+        let task = read_json::<Architecture>(&config_file)?
+            .task()
+            .map_err(|why| load_err(&config_file, why))?;
 
         let sbert = dir.join("sentence_bert_config.json");
-        let max_seq_len = if sbert.exists() {
+        let tokenizer_config = dir.join("tokenizer_config.json");
+        let declared = if sbert.exists() {
             read_json::<SentenceBertConfig>(&sbert)?.max_seq_length
         } else {
-            bert.max_position_embeddings
-        }
-        .min(bert.max_position_embeddings);
+            None
+        };
+        // Only where sentence_bert_config.json exists but is silent: older
+        // tokenizers write a huge placeholder, which the cap below absorbs.
+        let declared = match declared {
+            None if sbert.exists() && tokenizer_config.exists() => {
+                read_json::<TokenizerConfig>(&tokenizer_config)?
+                    .model_max_length
+                    .filter(|m| *m >= 1.0)
+                    .map(|m| m.min(usize::MAX as f64) as usize)
+            }
+            declared => declared,
+        };
+        let max_seq_len = declared
+            .unwrap_or(bert.max_position_embeddings)
+            .min(bert.max_position_embeddings);
 
         let pooling_file = dir.join("1_Pooling/config.json");
-        let pooling = if pooling_file.exists()
-            && read_json::<PoolingConfig>(&pooling_file)?.pooling_mode_cls_token
-        {
-            Pooling::Cls
+        let pooling = if pooling_file.exists() {
+            read_json::<PoolingConfig>(&pooling_file)?
+                .pooling()
+                .map_err(|why| load_err(&pooling_file, why))?
         } else {
             Pooling::Mean
         };
@@ -112,6 +239,12 @@ impl CandleBackend {
         };
         let on_cuda = matches!(config.device, DeviceKind::Cuda(_));
         let encoder = match (config.forward, on_cuda) {
+            (ForwardKind::Candle, _) | (ForwardKind::Auto, true) if task == Task::Rerank => {
+                return Err(load_err(
+                    dir,
+                    "a cross-encoder runs on the packed forward only (CPU): leave model.forward `auto` or set `packed`",
+                ))
+            }
             (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
                 if config.matmul != jetinfer_bert::Matmul::Auto =>
             {
@@ -131,7 +264,9 @@ impl CandleBackend {
                     )
                 }
                 .map_err(|e| load_err(&weights, e))?;
-                Encoder::Candle(BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?)
+                Encoder::Candle(Box::new(
+                    BertModel::load(vb, &bert).map_err(|e| load_err(&weights, e))?,
+                ))
             }
             (_, false) if config.dtype != Dtype::F32 => {
                 return Err(load_err(
@@ -148,17 +283,28 @@ impl CandleBackend {
             }
             (ForwardKind::Packed | ForwardKind::Auto, false) => {
                     let packed: jetinfer_bert::Config = read_json(&dir.join("config.json"))?;
-                    let bert = jetinfer_bert::Bert::load(&weights, packed, config.matmul)
-                        .map_err(|e| load_err(&weights, e))?;
+                    let bert = match task {
+                        Task::Rerank => jetinfer_bert::Bert::load_classifier(
+                            &weights,
+                            packed,
+                            config.matmul,
+                            RERANK_LABELS,
+                        ),
+                        _ => jetinfer_bert::Bert::load(&weights, packed, config.matmul),
+                    }
+                    .map_err(|e| load_err(&weights, e))?;
                     tracing::info!(products = ?bert.matmul(), "packed forward loaded");
-                    Encoder::Packed(bert)
+                    Encoder::Packed(Box::new(bert))
                 }
             };
 
         let info = ModelInfo {
             id: config.id.clone().unwrap_or_else(|| dir_name(dir)),
             revision,
-            dimension: bert.hidden_size as u32,
+            dimension: match task {
+                Task::Rerank => RERANK_LABELS as u32,
+                _ => bert.hidden_size as u32,
+            },
         };
         Ok(Self {
             encoder,
@@ -166,6 +312,7 @@ impl CandleBackend {
             device,
             dtype: config.dtype,
             pooling,
+            task,
             max_seq_len,
             pad_id: bert.pad_token_id as u32,
             info,
@@ -208,6 +355,14 @@ impl CandleBackend {
             .to_dtype(DType::F32)?;
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Max => {
+                // Padding must not win the max: it is pushed far below any value.
+                let pad = mask
+                    .to_dtype(DType::F32)?
+                    .affine(1.0, -1.0)?
+                    .affine(1e9, 0.0)?;
+                hidden.broadcast_add(&pad.unsqueeze(2)?)?.max(1)?
+            }
             Pooling::Mean => {
                 // Average over real tokens only: padding must not dilute the mean.
                 let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
@@ -308,10 +463,67 @@ impl Backend for CandleBackend {
             .tokenizer
             .encode(text, true)
             .map_err(|e| BackendError::Tokenize(e.to_string()))?;
-        Ok(Tokens {
-            truncated: !encoding.get_overflowing().is_empty(),
-            ids: encoding.get_ids().to_vec(),
-        })
+        Ok(Tokens::single(
+            encoding.get_ids().to_vec(),
+            !encoding.get_overflowing().is_empty(),
+        ))
+    }
+
+    fn task(&self) -> Task {
+        self.task
+    }
+
+    fn tokenize_pairs(
+        &self,
+        query: &str,
+        documents: &[String],
+    ) -> Result<Vec<Tokens>, BackendError> {
+        if self.task != Task::Rerank {
+            return Err(BackendError::Tokenize("this model does not rerank".into()));
+        }
+        let tokenize_err = |e: tokenizers::Error| BackendError::Tokenize(e.to_string());
+        let alone = self.tokenizer.encode(query, false).map_err(tokenize_err)?;
+        let query_tokens = alone.get_ids().len()
+            + alone
+                .get_overflowing()
+                .iter()
+                .map(|o| o.get_ids().len())
+                .sum::<usize>();
+        if query_tokens + PAIR_SPECIAL_TOKENS >= self.max_seq_len {
+            return Err(BackendError::QueryTooLong {
+                tokens: query_tokens,
+                max: self.max_seq_len,
+            });
+        }
+        documents
+            .iter()
+            .map(|document| {
+                let encoding = self
+                    .tokenizer
+                    .encode((query, document.as_str()), true)
+                    .map_err(tokenize_err)?;
+                Ok(Tokens {
+                    truncated: !encoding.get_overflowing().is_empty(),
+                    ids: encoding.get_ids().to_vec(),
+                    type_ids: encoding.get_type_ids().to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    fn classify(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let Encoder::Packed(bert) = &self.encoder else {
+            return Err(BackendError::Unusable(
+                "a cross-encoder runs on the packed forward only".into(),
+            ));
+        };
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
+        let types: Vec<&[u32]> = batch.iter().map(|t| t.type_ids.as_slice()).collect();
+        bert.classify(&ids, &types)
+            .map_err(|e| BackendError::Forward(e.to_string()))
     }
 
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -116,7 +116,7 @@ impl Backend for EchoBackend {
         let truncated = ids.len() + 1 > self.max_seq_len;
         ids.truncate(self.max_seq_len - 1);
         ids.push(SEP);
-        Ok(Tokens { ids, truncated })
+        Ok(Tokens::single(ids, truncated))
     }
 
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -1,0 +1,280 @@
+//! Rerank jobs end to end through a real nats-server, on the random-weight
+//! cross-encoder fixture `worker/tests/fixtures/models/cross-encoder`
+//! (`BertForSequenceClassification`, hidden 32, 2 layers, one label, 64
+//! positions), whose reference logits transformers computed on the same
+//! weights (`scripts/fixtures/make_models.py`); and the typed errors of bad
+//! rerank jobs. The embedding fixture `bert-cls` stands in for a worker that
+//! serves embeddings only.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jetinfer_bert::Matmul;
+use jetinfer_nats::testing::{workspace_root, NatsServer};
+use jetinfer_schemas::{decode_result, ErrorCode, Job, JobOptions, Truncation};
+use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind, WorkerConfig};
+use jetinfer_worker::load_backend;
+use serde::Deserialize;
+
+use common::*;
+
+/// Largest difference from the reference a score or logit may have.
+const TOLERANCE: f32 = 1e-4;
+/// The model name the test workers serve.
+const MODEL: &str = "minilm";
+
+#[derive(Deserialize)]
+struct Reference {
+    max_length: usize,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    query: String,
+    documents: Vec<String>,
+    logits: Vec<f32>,
+    scores: Vec<f32>,
+    token_counts: Vec<u32>,
+    truncated: Vec<bool>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    workspace_root()
+        .join("worker/tests/fixtures/models")
+        .join(name)
+}
+
+fn reference() -> Reference {
+    let path = fixture("cross-encoder").join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn rerank_config(server: &NatsServer, matmul: Matmul) -> WorkerConfig {
+    let mut config = worker_config(
+        server,
+        BackendKind::Candle,
+        BatchConfig {
+            max_inputs: 8,
+            max_tokens: 512,
+            max_wait: Duration::from_millis(20),
+        },
+    );
+    config.model.path = fixture("cross-encoder");
+    config.model.forward = ForwardKind::Packed;
+    config.model.matmul = matmul;
+    config.limits.max_documents_per_rerank = 6;
+    config
+}
+
+/// Product kinds this CPU has for the packed forward.
+fn products() -> Vec<Matmul> {
+    if Matmul::amx_available() {
+        vec![Matmul::F32, Matmul::AmxBf16x3, Matmul::AmxBf16]
+    } else {
+        eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
+        vec![Matmul::F32]
+    }
+}
+
+/// Document indices by reference logit, best first.
+fn reference_order(case: &Case) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..case.logits.len() as u32).collect();
+    order.sort_by(|&a, &b| case.logits[b as usize].total_cmp(&case.logits[a as usize]));
+    order
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerank_scores_match_transformers_reference_in_the_same_order() {
+    let want = reference();
+    for matmul in products() {
+        let server = NatsServer::start();
+        let config = rerank_config(&server, matmul);
+        let backend = load_backend(&config.model).expect("cross-encoder loads");
+        assert_eq!(backend.max_seq_len(), want.max_length);
+        assert_eq!(backend.info().dimension, 1);
+        let worker = start_worker(config, backend).await;
+        let client = client(&server).await;
+
+        // Every case in flight at once, so pairs of several jobs share batches.
+        let jobs: Vec<Job> = want
+            .cases
+            .iter()
+            .map(|c| Job::rerank(MODEL, &c.query, c.documents.clone(), None))
+            .collect();
+        let results: Vec<_> = client.submit_many(jobs, want.cases.len()).collect().await;
+        let mut shared = 0;
+        for ((_, result), case) in results.into_iter().zip(&want.cases) {
+            let got = result
+                .expect("submitted")
+                .into_reranked()
+                .expect("reranked");
+            let order: Vec<u32> = got.results.iter().map(|s| s.index).collect();
+            assert_eq!(order, reference_order(case), "{matmul:?} {:?}", case.query);
+            for s in &got.results {
+                let i = s.index as usize;
+                assert!(
+                    (s.logit - case.logits[i]).abs() < TOLERANCE
+                        && (s.score - case.scores[i]).abs() < TOLERANCE,
+                    "{matmul:?} {:?} document {i}: logit {} score {}, reference {} {}",
+                    case.query,
+                    s.logit,
+                    s.score,
+                    case.logits[i],
+                    case.scores[i]
+                );
+            }
+            assert_eq!(got.token_counts, case.token_counts, "{:?}", case.query);
+            assert_eq!(got.truncated, case.truncated, "{:?}", case.query);
+            shared += usize::from(got.timings.batch_size as usize > case.documents.len());
+        }
+        assert!(shared > 0, "no rerank job shared a batch with another job");
+
+        // top_n: the best n of the same order.
+        let case = &want.cases[0];
+        let top = client
+            .rerank(MODEL, &case.query, case.documents.clone(), Some(2))
+            .await
+            .expect("submitted")
+            .into_reranked()
+            .expect("reranked");
+        let order: Vec<u32> = top.results.iter().map(|s| s.index).collect();
+        assert_eq!(order, reference_order(case)[..2]);
+        assert_eq!(top.token_counts.len(), case.documents.len());
+        worker.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rerank_jobs_get_typed_error_replies_and_the_worker_keeps_serving() {
+    let server = NatsServer::start();
+    let config = rerank_config(&server, Matmul::F32);
+    let backend = load_backend(&config.model).expect("cross-encoder loads");
+    let worker = start_worker(config, backend).await;
+    let client = client(&server).await;
+    let code = |result: Result<jetinfer_schemas::JobResult, _>| {
+        result.expect("submitted").into_reranked().unwrap_err().code
+    };
+
+    let none = client.rerank(MODEL, "cold rain", vec![], None).await;
+    assert_eq!(code(none), ErrorCode::InvalidInput, "no documents");
+
+    let seven = vec!["warm sun".to_string(); 7];
+    let many = client.rerank(MODEL, "cold rain", seven, None).await;
+    assert_eq!(code(many), ErrorCode::TooManyInputs, "7 documents, limit 6");
+
+    // 61 query tokens + [CLS] [SEP] [SEP] leave no room in 64 positions.
+    let long_query = vec!["rain"; 61].join(" ");
+    let long = client
+        .rerank(MODEL, &long_query, vec!["warm sun".into()], None)
+        .await;
+    assert_eq!(
+        code(long),
+        ErrorCode::InputTooLong,
+        "query past the model's length"
+    );
+
+    let long_document = vec!["water"; 80].join(" ");
+    let rejected = client
+        .submit(
+            Job::rerank(MODEL, "cold rain", vec![long_document], None).with_options(JobOptions {
+                truncation: Truncation::Reject,
+                ..JobOptions::default()
+            }),
+        )
+        .await;
+    assert_eq!(
+        code(rejected),
+        ErrorCode::InputTooLong,
+        "pair past the length, reject asked"
+    );
+
+    let zero = client
+        .rerank(MODEL, "cold rain", vec!["warm sun".into()], Some(0))
+        .await;
+    assert_eq!(code(zero), ErrorCode::InvalidInput, "top_n 0");
+
+    let embed = client
+        .submit(Job::new(MODEL, vec!["cold rain".into()]))
+        .await;
+    let error = embed.expect("submitted").into_result().unwrap_err();
+    assert_eq!(
+        error.code,
+        ErrorCode::UnsupportedTask,
+        "an embed job for a cross-encoder"
+    );
+
+    // A task no version knows, as a newer producer would write it.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let reply = "results.default.raw-unknown-task";
+    let mut replies = nats.subscribe(reply).await.unwrap();
+    let job = serde_json::json!({
+        "version": 2, "id": "classify-1", "model": MODEL, "task": "classify",
+        "inputs": ["warm sun"], "rerank": {"query": "cold rain"},
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    let tenant = jetinfer_nats::subjects::Tenant::new("default").unwrap();
+    let subject = jetinfer_nats::subjects::job(MODEL, &tenant).unwrap();
+    publish_raw(
+        &js,
+        &subject,
+        Some(reply),
+        "classify-1",
+        rmp_serde::to_vec_named(&job).unwrap(),
+    )
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .expect("an answer within 30 s")
+        .expect("subscription open");
+    let answer = decode_result(&answer.payload).unwrap();
+    assert_eq!(answer.job_id, "classify-1");
+    assert_eq!(
+        answer.into_reranked().unwrap_err().code,
+        ErrorCode::UnsupportedTask
+    );
+
+    // Nothing above cost the worker its service.
+    let ok = client
+        .rerank(
+            MODEL,
+            "cold rain",
+            vec!["warm sun".into(), "cold water and rain".into()],
+            None,
+        )
+        .await
+        .expect("submitted")
+        .into_reranked()
+        .expect("still reranking");
+    assert_eq!(ok.results.len(), 2);
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedding_worker_answers_a_rerank_job_unsupported_task() {
+    let server = NatsServer::start();
+    let mut config = worker_config(&server, BackendKind::Candle, BatchConfig::default());
+    config.model.path = fixture("bert-cls");
+    let backend = load_backend(&config.model).expect("embedding fixture loads");
+    let worker = start_worker(config, backend).await;
+    let client = client(&server).await;
+    let result = client
+        .rerank(MODEL, "cold rain", vec!["warm sun".into()], None)
+        .await
+        .expect("submitted");
+    assert_eq!(
+        result.into_reranked().unwrap_err().code,
+        ErrorCode::UnsupportedTask
+    );
+    let embedded = client
+        .submit(Job::new(MODEL, vec!["cold rain".into()]))
+        .await
+        .expect("submitted")
+        .into_result()
+        .expect("embeddings");
+    assert_eq!(embedded.embeddings[0].len(), 32);
+    worker.shutdown().await;
+}
