@@ -53,7 +53,12 @@ impl WorkerProcess {
         log: Option<&std::path::Path>,
     ) -> Self {
         let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_jetinfer-worker"));
+        // Cargo names the binary only to the worker package's own tests;
+        // other packages include these helpers without using this one.
+        let Some(binary) = option_env!("CARGO_BIN_EXE_jetinfer-worker") else {
+            panic!("the jetinfer-worker binary: run from the worker package's tests");
+        };
+        let mut command = Command::new(binary);
         command
             .env("JETINFER_NATS__URLS", format!("[{}]", urls.join(",")))
             .env("JETINFER_MODEL__BACKEND", backend)
