@@ -20,7 +20,7 @@ use jetinfer_loadgen::corpus::{self, JobSource};
 use jetinfer_loadgen::raw::RawResponder;
 use jetinfer_loadgen::scenario::{preset, JobKind, Scenario};
 use jetinfer_loadgen::stats::Summary;
-use jetinfer_loadgen::{run, Target};
+use jetinfer_loadgen::{run, Target, Via};
 use jetinfer_nats::testing::{workspace_root, NatsServer};
 use jetinfer_nats::NatsConfig;
 use jetinfer_worker::backend::echo::EchoBackend;
@@ -49,12 +49,16 @@ fn singles() -> Vec<JobKind> {
     }]
 }
 
+fn nats_config(server: &NatsServer) -> NatsConfig {
+    NatsConfig {
+        urls: vec![server.url()],
+        ..NatsConfig::default()
+    }
+}
+
 fn target(server: &NatsServer) -> Target {
     Target {
-        nats: NatsConfig {
-            urls: vec![server.url()],
-            ..NatsConfig::default()
-        },
+        via: Via::Nats(nats_config(server)),
         model: "minilm".into(),
         tenant: "bench".into(),
     }
@@ -70,7 +74,7 @@ async fn drive(server: &NatsServer, scenario: &Scenario, texts: &[String]) -> Su
 
 async fn worker(server: &NatsServer, backend: Arc<dyn Backend>) -> Worker {
     let config = WorkerConfig {
-        nats: target(server).nats,
+        nats: nats_config(server),
         ..WorkerConfig::default()
     };
     Worker::start(config, backend).await.unwrap()
@@ -115,7 +119,7 @@ fn main() {
         w.shutdown().await;
 
         let server = NatsServer::start();
-        let _raw = RawResponder::start(&target(&server).nats, "minilm")
+        let _raw = RawResponder::start(&nats_config(&server), "minilm")
             .await
             .unwrap();
         line(

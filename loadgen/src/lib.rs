@@ -5,14 +5,17 @@
 //! offer them closed- or open-loop ([`run`]), record every job into HDR
 //! histograms per fixed window ([`stats`]), scrape the worker's metrics before
 //! and after ([`metrics`]), judge [`threshold`]s, and write the [`report`]
-//! (table, JSON, CSV, self-contained HTML). [`raw`] is a bare JetStream
-//! responder to measure the queue's ceiling against.
+//! (table, JSON, CSV, self-contained HTML). Jobs go over NATS through the
+//! producer's `Client`, or over [`http`] as OpenAI embeddings requests to a
+//! gateway. [`raw`] is a bare JetStream responder to measure the queue's
+//! ceiling against.
 //!
 //! `main.rs` only parses arguments; [`execute`] is the whole run, so tests
 //! drive it directly.
 
 pub mod corpus;
 pub mod duration;
+pub mod http;
 pub mod metrics;
 pub mod raw;
 pub mod report;
@@ -25,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use report::Report;
-pub use run::Target;
+pub use run::{Target, Via};
 pub use scenario::Scenario;
 pub use threshold::Threshold;
 
@@ -76,7 +79,7 @@ pub async fn execute(plan: &Plan) -> Result<(Report, Option<report::Files>), Loa
     let thresholds = plan.thresholds.iter().map(|t| t.check(&summary)).collect();
     let report = Report {
         scenario: plan.scenario.clone(),
-        target: plan.target.nats.urls.join(","),
+        target: plan.target.shown(),
         model: plan.target.model.clone(),
         corpus: plan.corpus.display().to_string(),
         started_unix_ms,

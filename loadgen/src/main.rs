@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use jetinfer_loadgen::http::{EncodingFormat, HttpTarget};
 use jetinfer_loadgen::scenario::{self, Mode, Overrides};
-use jetinfer_loadgen::{duration, raw, report, threshold, Plan, Target, Threshold};
+use jetinfer_loadgen::{duration, raw, report, threshold, Plan, Target, Threshold, Via};
 use jetinfer_nats::NatsConfig;
 
 /// The corpus used when none is given, relative to the working directory.
@@ -57,9 +58,24 @@ struct RunArgs {
     /// TOML file overriding the preset (may name its own `scenario`).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How jobs are sent: nats (the producer's Client, straight onto
+    /// JetStream) or http (one OpenAI `POST /v1/embeddings` per job to a
+    /// gateway at --url, with the key in --api-key-file).
+    #[arg(long = "target", default_value = "nats", value_parser = parse_target)]
+    via: TargetKind,
+    /// The gateway's base URL for --target http, e.g. http://127.0.0.1:8080.
+    #[arg(long, required_if_eq("via", "http"))]
+    url: Option<String>,
+    /// A file holding the API key (first line) for --target http.
+    #[arg(long, env = "JETINFER_API_KEY_FILE", required_if_eq("via", "http"))]
+    api_key_file: Option<PathBuf>,
+    /// `encoding_format` of each HTTP request: base64 (the OpenAI SDKs'
+    /// default) or float.
+    #[arg(long, default_value = "base64")]
+    encoding_format: EncodingFormat,
     #[command(flatten)]
     target: TargetArgs,
-    /// Tenant the jobs are submitted for.
+    /// Tenant the jobs are submitted for (over NATS; over HTTP the key's).
     #[arg(long, env = "JETINFER_TENANT", default_value = "default")]
     tenant: String,
     /// closed (virtual users) or open (fixed arrival rate).
@@ -113,6 +129,20 @@ struct RunArgs {
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum TargetKind {
+    Nats,
+    Http,
+}
+
+fn parse_target(text: &str) -> Result<TargetKind, String> {
+    match text {
+        "nats" => Ok(TargetKind::Nats),
+        "http" => Ok(TargetKind::Http),
+        other => Err(format!("{other:?}: expected nats or http")),
+    }
 }
 
 fn parse_mode(text: &str) -> Result<Mode, String> {
@@ -171,10 +201,23 @@ fn plan(args: RunArgs) -> anyhow::Result<Plan> {
         scenario::set_mix_weights(&mut scenario.mix, mix)?;
     }
     scenario.validate()?;
+    let via = match args.via {
+        TargetKind::Nats => Via::Nats(nats(&args.target)?),
+        TargetKind::Http => {
+            let (Some(url), Some(key_file)) = (&args.url, &args.api_key_file) else {
+                anyhow::bail!("--target http needs --url and --api-key-file");
+            };
+            Via::Http(HttpTarget::with_key_file(
+                url,
+                key_file,
+                args.encoding_format,
+            )?)
+        }
+    };
     Ok(Plan {
         scenario,
         target: Target {
-            nats: nats(&args.target)?,
+            via,
             model: args.target.model,
             tenant: args.tenant,
         },
@@ -239,7 +282,7 @@ async fn run() -> anyhow::Result<ExitCode> {
             eprintln!(
                 "loadgen: scenario {} against {}",
                 plan.scenario.name,
-                plan.target.nats.urls.join(",")
+                plan.target.shown()
             );
             let (report, files) = jetinfer_loadgen::execute(&plan).await?;
             print!("{}", report::summary_table(&report));

@@ -1,6 +1,6 @@
 //! Offering load: the closed-loop users and the open-loop scheduler, both
-//! driving one jetinfer [`Client`] and recording every job into a
-//! [`Recorder`].
+//! driving one [`Sender`] (a jetinfer [`Client`] over NATS, or an
+//! [`HttpClient`] to a gateway) and recording every job into a [`Recorder`].
 //!
 //! Both are bounded twice: no job starts after the scenario's run time and no
 //! more than `max_jobs` start; every job ends within the scenario's timeout,
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::corpus::JobSource;
+use crate::http::{HttpClient, HttpTarget, HttpTargetError};
 use crate::scenario::{Mode, Scenario};
 use crate::stats::{JobOutcome, Recorder, Summary};
 
@@ -30,9 +31,52 @@ const PROGRESS_LOG: Duration = Duration::from_secs(5);
 /// Where and what to send.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub nats: NatsConfig,
+    pub via: Via,
     pub model: String,
+    /// The tenant jobs are submitted for over NATS; over HTTP the API key
+    /// decides it.
     pub tenant: String,
+}
+
+/// How jobs reach jetinfer.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// Straight onto JetStream through the producer's `Client`.
+    Nats(NatsConfig),
+    /// As OpenAI embeddings requests to a gateway.
+    Http(HttpTarget),
+}
+
+impl Target {
+    /// What the report names as the target: the NATS URLs or the gateway's.
+    pub fn shown(&self) -> String {
+        match &self.via {
+            Via::Nats(nats) => nats.urls.join(","),
+            Via::Http(http) => http.url.clone(),
+        }
+    }
+}
+
+/// What a run sends jobs through.
+#[derive(Clone)]
+pub enum Sender {
+    Nats(Client),
+    Http(Box<HttpClient>),
+}
+
+impl From<Client> for Sender {
+    fn from(client: Client) -> Self {
+        Sender::Nats(client)
+    }
+}
+
+impl Sender {
+    async fn submit(&self, job: Job) -> JobOutcome {
+        match self {
+            Sender::Nats(client) => submit(client, job).await,
+            Sender::Http(client) => client.submit(&job).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +85,10 @@ pub enum RunError {
     Connect { urls: String, source: SubmitError },
     #[error("the probe job before the run failed: {0}")]
     Probe(SubmitError),
+    #[error(transparent)]
+    Http(#[from] HttpTargetError),
+    #[error("the probe request to {url} failed: {kind}")]
+    HttpProbe { url: String, kind: String },
 }
 
 /// The error kind a failed submission is counted under.
@@ -79,7 +127,7 @@ async fn submit(client: &Client, job: Job) -> JobOutcome {
 
 /// Shared state of one run.
 struct Run {
-    client: Client,
+    sender: Sender,
     scenario: Scenario,
     jobs: Mutex<JobSource>,
     recorder: Mutex<Recorder>,
@@ -101,7 +149,7 @@ impl Run {
 
     async fn send(&self, job: Job, intended: Instant) {
         let sent = Instant::now();
-        let outcome = submit(&self.client, job).await;
+        let outcome = self.sender.submit(job).await;
         let done = Instant::now();
         self.recorder
             .lock()
@@ -111,30 +159,44 @@ impl Run {
 }
 
 /// Connects to `target` and checks it with one probe job (not counted), so a
-/// wrong URL or model fails fast instead of filling a report with errors.
-pub async fn connect(target: &Target, timeout: Duration) -> Result<Client, RunError> {
+/// wrong URL, key or model fails fast instead of filling a report with errors.
+pub async fn connect(target: &Target, timeout: Duration) -> Result<Sender, RunError> {
+    let nats = match &target.via {
+        Via::Nats(nats) => nats,
+        Via::Http(http) => {
+            let client = HttpClient::new(http, timeout)?;
+            let probe = Job::new(target.model.clone(), vec!["loadgen probe".into()]);
+            return match client.submit(&probe).await {
+                JobOutcome::Ok { .. } => Ok(Sender::Http(Box::new(client))),
+                JobOutcome::Error(kind) => Err(RunError::HttpProbe {
+                    url: http.url.clone(),
+                    kind,
+                }),
+            };
+        }
+    };
     let client = Client::connect(ClientConfig {
-        nats: target.nats.clone(),
+        nats: nats.clone(),
         tenant: target.tenant.clone(),
         timeout,
         ..ClientConfig::default()
     })
     .await
     .map_err(|source| RunError::Connect {
-        urls: target.nats.urls.join(","),
+        urls: nats.urls.join(","),
         source,
     })?;
     client
         .submit(Job::new(target.model.clone(), vec!["loadgen probe".into()]))
         .await
         .map_err(RunError::Probe)?;
-    Ok(client)
+    Ok(Sender::Nats(client))
 }
 
-/// Runs `scenario` with jobs from `jobs` through `client`, recording in
+/// Runs `scenario` with jobs from `jobs` through `sender`, recording in
 /// windows of `window`; prints a progress line to stderr if `progress`.
 pub async fn run(
-    client: Client,
+    sender: impl Into<Sender>,
     scenario: &Scenario,
     jobs: JobSource,
     window: Duration,
@@ -142,7 +204,7 @@ pub async fn run(
 ) -> Summary {
     let start = Instant::now();
     let run = Arc::new(Run {
-        client,
+        sender: sender.into(),
         scenario: scenario.clone(),
         jobs: Mutex::new(jobs),
         recorder: Mutex::new(Recorder::new(start, window)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jetinfer_loadgen::scenario::{JobKind, Mode, Scenario};
-use jetinfer_loadgen::Target;
+use jetinfer_loadgen::{Target, Via};
 use jetinfer_nats::testing::{workspace_root, NatsServer};
 use jetinfer_nats::NatsConfig;
 use jetinfer_worker::backend::echo::EchoBackend;
@@ -33,7 +33,7 @@ pub fn nats_config(server: &NatsServer) -> NatsConfig {
 
 pub fn target(server: &NatsServer) -> Target {
     Target {
-        nats: nats_config(server),
+        via: Via::Nats(nats_config(server)),
         model: "minilm".into(),
         tenant: "loadtest".into(),
     }
