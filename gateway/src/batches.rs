@@ -124,13 +124,20 @@ pub async fn create_file(
                     // before files); if not, the file is stored as a batch
                     // file and removed below unless `purpose` says so.
                     let asked = purpose.clone().unwrap_or_else(|| "batch".into());
-                    let reader = StreamReader::new(field.map_err(std::io::Error::other));
-                    stored = Some(
-                        batches
-                            .create_file(&filename, &asked, reader)
-                            .await
-                            .map_err(batch_error)?,
-                    );
+                    // A body past its bound fails the field's stream; the
+                    // store sees only an I/O error, so the cause is kept.
+                    let past_bound = std::sync::atomic::AtomicBool::new(false);
+                    let reader = StreamReader::new(field.map_err(|err| {
+                        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                            past_bound.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        std::io::Error::other(err)
+                    }));
+                    let created = batches.create_file(&filename, &asked, reader).await;
+                    if past_bound.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(too_large_body());
+                    }
+                    stored = Some(created.map_err(batch_error)?);
                 }
                 Some("file") => {
                     return Err(ApiError::invalid("file", "Upload one file per request"));
@@ -186,12 +193,18 @@ async fn text_field(mut field: Field<'_>) -> Result<String, ApiError> {
     String::from_utf8(bytes).map_err(|_| ApiError::invalid("purpose", "a form field is not UTF-8"))
 }
 
+fn too_large_body() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "The upload is larger than the gateway accepts (batches.max_file_bytes)",
+    )
+    .param("file")
+}
+
 fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
     if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large(
-            Some("file"),
-            "The upload is larger than the gateway accepts",
-        )
+        too_large_body()
     } else {
         ApiError::invalid("file", "The multipart body could not be read")
     }
