@@ -57,6 +57,8 @@ pub struct GatewayConfig {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// With a file, `/metrics` answers 401 without `Authorization: Bearer <token>`.
     pub metrics_token_file: Option<PathBuf>,
+    /// The Batch API (`/v1/files`, `/v1/batches`).
+    pub batches: BatchApiConfig,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +78,7 @@ impl Default for GatewayConfig {
             discovery: DiscoveryConfig::default(),
             tenants: BTreeMap::new(),
             metrics_token_file: None,
+            batches: BatchApiConfig::default(),
         }
     }
 }
@@ -161,6 +164,36 @@ impl Default for EdgeLimits {
             job_timeout: DEFAULT_JOB_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Bounds of the Batch API; the defaults are OpenAI's limits. An upload is
+/// streamed into the tenant's object store, never held whole: its body may
+/// be `max_file_bytes` (plus 64 KiB of multipart framing and fields), not
+/// `limits.max_body_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchApiConfig {
+    /// Largest input file (at most 200 MiB, OpenAI's).
+    pub max_file_bytes: u64,
+    /// Most requests in an input file (at most 50,000, OpenAI's).
+    pub max_file_lines: u64,
+    /// Requests of one batch awaiting results at once.
+    pub in_flight: usize,
+    /// Where running batches compose their output files (a directory per
+    /// tenant below it); the rest of a batch lives in NATS.
+    pub work_dir: PathBuf,
+}
+
+impl Default for BatchApiConfig {
+    fn default() -> Self {
+        let library = jetinfer_producer::batches::BatchesConfig::default();
+        Self {
+            max_file_bytes: library.max_file_bytes,
+            max_file_lines: library.max_file_lines,
+            in_flight: library.in_flight,
+            work_dir: std::env::temp_dir().join("jetinfer-gateway-batches"),
         }
     }
 }

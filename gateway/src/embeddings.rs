@@ -85,7 +85,7 @@ async fn embed(
     let fail = |err: ApiError| -> Failed { (None, err) };
     caller.require_user("create embeddings").map_err(fail)?;
     let limits = &state.config.limits;
-    let request = read_request(&headers, body, limits.max_body_bytes)
+    let request: EmbeddingsRequest = read_request(&headers, body, limits.max_body_bytes)
         .await
         .map_err(fail)?;
     let inputs = inputs(request.input, limits).map_err(fail)?;
@@ -183,12 +183,12 @@ async fn embed(
 const MAX_DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
 /// Reads at most `limit` bytes of JSON: 413 past it, 400 for anything that
-/// is not the request.
-async fn read_request(
+/// is not the request (any JSON body of the gateway's routes).
+pub(crate) async fn read_request<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<EmbeddingsRequest, ApiError> {
+) -> Result<T, ApiError> {
     let too_large = || {
         ApiError::too_large(
             None,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use jetinfer_producer::batches::BatchError;
 use jetinfer_producer::SubmitError;
 use jetinfer_schemas::{ErrorCode, JobError};
 
@@ -135,6 +136,36 @@ impl ApiError {
             other => {
                 tracing::warn!(error = %jetinfer_schemas::Untrusted(&other.to_string()), "submit failed");
                 Self::unavailable("The job queue cannot be reached; retry later")
+            }
+        }
+    }
+
+    /// A Batch API refusal, per `producer::batches::BatchError`'s table.
+    pub fn from_batch(err: BatchError) -> Self {
+        let message = err.to_string();
+        match err {
+            BatchError::NotFound { param, .. } => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).param(param)
+            }
+            BatchError::Invalid { param, .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).param(param)
+            }
+            BatchError::TooLarge(_) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                message,
+            )
+            .param("file"),
+            BatchError::Conflict(_) => {
+                Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+            }
+            BatchError::Store(_) | BatchError::Connect(_) => {
+                tracing::warn!(error = %jetinfer_schemas::Untrusted(&message), "batch store");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "The batch store cannot be reached; retry later",
+                )
             }
         }
     }

@@ -15,10 +15,12 @@
 //! them [`models`] (the catalogue), [`error`] (every refusal, OpenAI-shaped)
 //! and [`openai`] (the wire types).
 //!
-//! Adding a route (the Batch API): take [`auth::Caller`] as an extractor; it
-//! carries the tenant's [`TenantHandle`], the key id and role.
+//! The Batch API ([`batches`]) takes [`auth::Caller`] as every route does; it
+//! carries the tenant's [`TenantHandle`] (its `Client`, its `Batches` handle
+//! and runner), the key id and role.
 
 pub mod auth;
+pub mod batches;
 pub mod config;
 pub mod edge;
 pub mod embeddings;
@@ -33,12 +35,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jetinfer_monitoring::PrometheusHandle;
+use jetinfer_producer::batches::{Batches, BatchesConfig, Runner};
 use jetinfer_producer::{Client, ClientConfig};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
@@ -58,6 +62,11 @@ pub struct TenantHandle {
     pub client: Client,
     /// The tenant's cost limit over all its keys, if configured.
     pub limiter: Option<Limiter>,
+    /// The tenant's Batch API: files and batches in its own account.
+    pub batches: Batches,
+    /// Drives the tenant's batches for the life of the gateway (dropping it
+    /// stops them where they stand; the next gateway resumes them).
+    _runner: Runner,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -83,6 +92,11 @@ pub enum StartError {
         tenant: String,
         source: jetinfer_producer::SubmitError,
     },
+    #[error("tenant {tenant:?}: opening the Batch API: {source}")]
+    Batches {
+        tenant: String,
+        source: jetinfer_producer::batches::BatchError,
+    },
     #[error(transparent)]
     Keys(#[from] auth::KeysError),
     #[error(transparent)]
@@ -101,8 +115,13 @@ pub enum StartError {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "jetinfer gateway", description = "OpenAI-compatible embeddings over a JetStream queue"),
-    paths(embeddings::create, list_models, get_model),
+    paths(
+        embeddings::create, list_models, get_model,
+        batches::create_file, batches::get_file, batches::file_content, batches::delete_file,
+        batches::create_batch, batches::get_batch, batches::cancel_batch, batches::list_batches
+    ),
     components(schemas(
+        batches::CreateBatchRequest,
         openai::EmbeddingsRequest, openai::EmbeddingsResponse, openai::EmbeddingData,
         openai::EncodingFormat, openai::Usage, openai::ModelList, openai::Model,
         openai::ErrorBody, openai::ErrorDetail
@@ -140,23 +159,50 @@ impl Gateway {
         let stop = CancellationToken::new();
         let mut tenants = HashMap::new();
         for (name, tenant) in &config.tenants {
-            let client = Client::connect(ClientConfig {
+            let client_config = ClientConfig {
                 nats: config.tenant_nats(name, tenant),
                 tenant: name.clone(),
                 timeout: config.limits.job_timeout,
                 ..ClientConfig::default()
-            })
+            };
+            let client = Client::connect(client_config.clone())
+                .await
+                .map_err(|source| StartError::Tenant {
+                    tenant: name.clone(),
+                    source,
+                })?;
+            let batches = Batches::open(
+                &ClientConfig {
+                    nats: jetinfer_nats::NatsConfig {
+                        name: format!("jetinfer-gateway-{name}-batches"),
+                        ..client_config.nats.clone()
+                    },
+                    ..client_config
+                },
+                BatchesConfig {
+                    max_file_bytes: config.batches.max_file_bytes,
+                    max_file_lines: config.batches.max_file_lines,
+                    in_flight: config.batches.in_flight,
+                    work_dir: config.batches.work_dir.join(name),
+                    ..BatchesConfig::default()
+                },
+            )
             .await
-            .map_err(|source| StartError::Tenant {
+            .map_err(|source| StartError::Batches {
                 tenant: name.clone(),
                 source,
             })?;
+            // One runner per tenant, for the life of the process: it resumes
+            // every batch a previous gateway left unfinished.
+            let runner = batches.runner();
             tenants.insert(
                 name.clone(),
                 Arc::new(TenantHandle {
                     name: name.clone(),
                     client,
                     limiter: tenant.rate.and_then(Limiter::new),
+                    batches,
+                    _runner: runner,
                 }),
             );
         }
@@ -255,6 +301,25 @@ pub fn router(state: AppState, tls: bool) -> Router {
         .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route(
+            "/v1/files",
+            post(batches::create_file).layer(DefaultBodyLimit::max(
+                usize::try_from(state.config.batches.max_file_bytes)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(batches::MULTIPART_SLACK),
+            )),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(batches::get_file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route(
+            "/v1/batches",
+            post(batches::create_batch).get(batches::list_batches),
+        )
+        .route("/v1/batches/{id}", get(batches::get_batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

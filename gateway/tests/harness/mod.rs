@@ -6,8 +6,54 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../worker/tests/common/mod.rs"]
-pub mod common;
+/// What the gateway's tests take of the worker's test helpers: the shipped
+/// secure config (`secured.rs`) and the two functions it and they need.
+/// Not the whole of `worker/tests/common`, whose fault-run helpers need the
+/// worker's own binary and dev-dependencies.
+#[path = "../../../worker/tests/common"]
+pub mod common {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use jetinfer_nats::testing::{workspace_root, NatsServer};
+    use jetinfer_nats::NatsConfig;
+    use jetinfer_worker::config::{BackendKind, BatchConfig, WorkerConfig};
+
+    pub mod secured;
+
+    pub fn model_dir() -> PathBuf {
+        std::env::var_os("JETINFER_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join(".cache/models/all-MiniLM-L6-v2"))
+    }
+
+    /// `../shared/data` beside the checkout, or `$JETINFER_SHARED_DATA`.
+    pub fn shared_data() -> PathBuf {
+        std::env::var_os("JETINFER_SHARED_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("../shared/data"))
+    }
+
+    /// As `worker/tests/common::worker_config`.
+    pub fn worker_config(
+        server: &NatsServer,
+        backend: BackendKind,
+        batch: BatchConfig,
+    ) -> WorkerConfig {
+        let mut config = WorkerConfig {
+            nats: NatsConfig {
+                urls: vec![server.url()],
+                startup_retry_for: Duration::from_secs(5),
+                ..NatsConfig::default()
+            },
+            batch,
+            ..WorkerConfig::default()
+        };
+        config.model.backend = backend;
+        config.model.path = model_dir();
+        config
+    }
+}
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

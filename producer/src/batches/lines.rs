@@ -8,7 +8,7 @@
 
 use base64::Engine;
 use jetinfer_nats::subjects;
-use jetinfer_schemas::{Embeddings, ErrorCode, Job, JobError};
+use jetinfer_schemas::{Embeddings, ErrorCode, Job, JobError, JobOptions};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
@@ -22,14 +22,16 @@ pub const MAX_DIMENSIONS: u64 = 65_536;
 const FIELDS: &str = "custom_id, method, url, body";
 const BODY_FIELDS: &str = "model, input, encoding_format, dimensions, user";
 
-/// How a request wants its embeddings back: screened at parse time, applied
-/// when its result is written (until `dimensions` is a job option, the
-/// first `dimensions` values are kept and re-normalised here, as OpenAI
-/// does).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How a request wants its response written: screened at parse time,
+/// applied when its result is written. `dimensions` is not here: it is the
+/// job's own option ([`JobOptions::dimensions`]), applied (and checked
+/// against the model's width) by the worker, as for `/v1/embeddings`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LineOptions {
     pub base64: bool,
-    pub dimensions: Option<u32>,
+    /// The request's `body.model`, the response's `model` as
+    /// `/v1/embeddings` answers it.
+    pub model: String,
 }
 
 /// Parses one input line of a batch for `endpoint` into its `custom_id`, its
@@ -177,7 +179,11 @@ fn body_job(body: &Map<String, Value>) -> Result<(Job, LineOptions), String> {
             ))
         }
     }
-    Ok((Job::new(model, inputs), LineOptions { base64, dimensions }))
+    let job = Job::new(model.clone(), inputs).with_options(JobOptions {
+        dimensions,
+        ..JobOptions::default()
+    });
+    Ok((job, LineOptions { base64, model }))
 }
 
 /// One line of an output or error file.
@@ -206,36 +212,15 @@ fn request_line_id() -> String {
     format!("batch_req_{}", ulid::Ulid::new())
 }
 
-/// The output line of a request answered with embeddings, or the error
-/// line (status 400) when its `dimensions` exceed the model's.
-pub fn answered(
-    custom_id: &str,
-    job_id: &str,
-    e: &Embeddings,
-    options: LineOptions,
-) -> Result<Vec<u8>, Vec<u8>> {
-    let width = e.embeddings.first().map_or(0, Vec::len);
-    if let Some(d) = options.dimensions.filter(|&d| d as usize > width) {
-        let message = format!(
-            "dimensions {d} is more than model {}'s {width}: ask for at most {width}",
-            e.model.id
-        );
-        return Err(http_error(
-            custom_id,
-            job_id,
-            400,
-            "invalid_request_error",
-            Some("dimensions"),
-            "invalid_value",
-            &message,
-        ));
-    }
+/// The output line of a request answered with embeddings: the body is what
+/// `/v1/embeddings` answers for the same request (its `model` the one
+/// asked for; the worker already applied `dimensions`).
+pub fn answered(custom_id: &str, job_id: &str, e: &Embeddings, options: &LineOptions) -> Vec<u8> {
     let data: Vec<Value> = e
         .embeddings
         .iter()
         .enumerate()
         .map(|(index, v)| {
-            let v = shortened(v, options.dimensions);
             let embedding = if options.base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -249,10 +234,10 @@ pub fn answered(
     let body = json!({
         "object": "list",
         "data": data,
-        "model": e.model.id,
+        "model": options.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     });
-    Ok(line(OutLine {
+    line(OutLine {
         id: request_line_id(),
         custom_id: Some(custom_id),
         response: Some(Response {
@@ -261,22 +246,7 @@ pub fn answered(
             body,
         }),
         error: None,
-    }))
-}
-
-/// The first `dimensions` values, re-normalised; all of them when `None`.
-fn shortened(v: &[f32], dimensions: Option<u32>) -> std::borrow::Cow<'_, [f32]> {
-    match dimensions {
-        Some(d) if (d as usize) < v.len() => {
-            let mut cut = v[..d as usize].to_vec();
-            let norm = cut.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                cut.iter_mut().for_each(|x| *x /= norm);
-            }
-            std::borrow::Cow::Owned(cut)
-        }
-        _ => std::borrow::Cow::Borrowed(v),
-    }
+    })
 }
 
 /// The error line of a request whose job got a typed error reply: the HTTP
@@ -374,11 +344,12 @@ mod tests {
         assert_eq!(job.id, "run1:r-1");
         assert_eq!(job.model, "minilm");
         assert_eq!(job.inputs, ["a", "b"]);
+        assert_eq!(job.options.dimensions, Some(8));
         assert_eq!(
             options,
             LineOptions {
                 base64: true,
-                dimensions: Some(8)
+                model: "minilm".into()
             }
         );
     }
@@ -415,13 +386,5 @@ mod tests {
                 .contains("unknown parameter")
         );
         assert!(refused_why(&ok(r#"{"model":"a.b","input":"x"}"#)).contains("model"));
-    }
-
-    #[test]
-    fn shortened_embeddings_are_unit_length_again() {
-        let v = [3.0, 4.0, 12.0];
-        let cut = shortened(&v, Some(2));
-        assert_eq!(&*cut, &[0.6, 0.8]);
-        assert_eq!(&*shortened(&v, Some(3)), &v);
     }
 }

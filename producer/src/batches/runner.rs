@@ -148,7 +148,10 @@ impl Drop for WorkFiles {
 struct Scan {
     lines: u64,
     duplicates: Vec<BatchErrorData>,
-    /// Output options of each request that asks for other than the default.
+    /// The output options most requests share: float, and the first
+    /// request's model.
+    usual: LineOptions,
+    /// Output options of each request that asks for other than `usual`.
     options: HashMap<u64, LineOptions>,
 }
 
@@ -159,8 +162,10 @@ fn scan(path: &Path, run: &str, endpoint: &str, hasher: &CustomIdHasher) -> std:
     let mut scan = Scan {
         lines: 0,
         duplicates: Vec::new(),
+        usual: LineOptions::default(),
         options: HashMap::new(),
     };
+    let mut first = true;
     let mut number = 0u64;
     loop {
         buf.clear();
@@ -190,7 +195,11 @@ fn scan(path: &Path, run: &str, endpoint: &str, hasher: &CustomIdHasher) -> std:
             }
             continue;
         }
-        if options != LineOptions::default() {
+        if first {
+            first = false;
+            scan.usual.model = options.model.clone();
+        }
+        if options != scan.usual {
             scan.options.insert(key, options);
         }
     }
@@ -209,6 +218,7 @@ struct BatchDriver {
     id: String,
     expires_at: Option<i64>,
     hasher: CustomIdHasher,
+    usual: LineOptions,
     options: HashMap<u64, LineOptions>,
     output: std::io::BufWriter<std::fs::File>,
     errors: std::io::BufWriter<std::fs::File>,
@@ -230,18 +240,10 @@ impl Driver for BatchDriver {
         let options = self
             .options
             .get(&self.hasher.key(custom_id))
-            .copied()
-            .unwrap_or_default();
-        match lines::answered(custom_id, job_id, e, options) {
-            Ok(line) => {
-                self.completed += 1;
-                self.output.write_all(&line).map_err(io_error)
-            }
-            Err(line) => {
-                self.failed += 1;
-                self.errors.write_all(&line).map_err(io_error)
-            }
-        }
+            .unwrap_or(&self.usual);
+        let line = lines::answered(custom_id, job_id, e, options);
+        self.completed += 1;
+        self.output.write_all(&line).map_err(io_error)
     }
 
     fn write_failed(
@@ -423,6 +425,7 @@ async fn drive(batches: &Batches, id: &str) -> Result<(), BatchError> {
         id: id.to_string(),
         expires_at: batch.expires_at,
         hasher: hasher.clone(),
+        usual: scanned.usual,
         options: scanned.options,
         output: create(&work.output)?,
         errors: create(&work.errors)?,
