@@ -5,7 +5,7 @@
 #   bin/jetinfer-worker      built here with `--features cuda` (CUDA 13.0 from
 #                            scripts/deps/cuda.sh, for CUDA_COMPUTE_CAP, 90 =
 #                            Hopper by default), stripped
-#   bin/jetinfer, bin/jetinfer-loadgen, bin/nats-server, bin/lib/libcudart
+#   bin/jetinfer, bin/jetinfer-loadgen, bin/nats-server
 #   model/                   all-MiniLM-L6-v2 with its weights stored as f16
 #                            (87 MB of f32 weights do not fit; candle widens
 #                            them at load, so an f32 run measures f16-rounded
@@ -32,11 +32,10 @@ cargo build --release --locked -p jetinfer-producer -p jetinfer-loadgen --bins
 
 pack="$root/target/gpu-pack"
 rm -rf "$pack"
-mkdir -p "$pack/bin/lib" "$pack/model"
+mkdir -p "$pack/bin" "$pack/model"
 install -m 0755 target/cuda/release/jetinfer-worker target/release/jetinfer \
   target/release/jetinfer-loadgen .cache/bin/nats-server "$pack/bin/"
 strip "$pack"/bin/jetinfer*
-cp -L "$CUDA_HOME"/lib/libcudart.so.13 "$pack/bin/lib/"
 
 model=.cache/models/all-MiniLM-L6-v2
 cp -r "$model"/*.json "$model"/vocab.txt "$model"/1_Pooling "$pack/model/"

@@ -1,8 +1,4 @@
-pub mod fused_moe;
-pub mod generation;
+// jetinfer's patch: only BERT and the modules it uses are kept
+// (vendor/candle-transformers/README.md).
 pub mod models;
-pub mod object_detection;
-pub mod pipelines;
-pub mod quantized_nn;
 pub mod quantized_var_builder;
-pub mod utils;
