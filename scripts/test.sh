@@ -28,12 +28,13 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy --features cuda (the GPU build, linted without a GPU)" >&2
 # The CUDA toolchain comes from pinned wheels (scripts/deps/cuda.sh); candle's
-# kernels compile with it for Hopper (sm_90), no GPU or driver needed. Its
-# own target directory: the CUDA feature set rebuilds candle, and the CPU
-# build should not rebuild after it.
+# kernels compile with it for Hopper (sm_90), no GPU or driver needed. The
+# same target directory as the lints above: the crates whose features differ
+# (candle, the worker) are checked side by side with their CPU builds, and
+# every other dependency is checked once.
 CUDA_HOME=$(bash scripts/deps/cuda.sh)
 PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME="$CUDA_HOME" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
-  CARGO_TARGET_DIR=target/cuda cargo clippy -p jetinfer-worker --features cuda --all-targets --locked -- -D warnings
+  cargo clippy -p jetinfer-worker --features cuda --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 # The gateway's binary is built with the workspace, so the dashboard test
 # checks its panels against a live gateway: a skip would be a failure.
