@@ -191,8 +191,11 @@ async fn load(served: &ServedModel) -> Result<Arc<dyn Backend>, WorkerError> {
 
 /// A server restarting or a leader election answers JetStream's API with
 /// timeouts for a few seconds: a worker started then waits it out, as it
-/// waits for the first connection, rather than exit. Every provisioning
-/// step is idempotent, so a failed attempt is simply made again.
+/// waits for the first connection, rather than exit: bounded by
+/// `nats.startup_retry_for` alone, not by a count (a server without quorum
+/// answers 503 at once, so three quick attempts would be over in a second).
+/// Every provisioning step is idempotent, so a failed attempt is simply
+/// made again.
 async fn with_startup_retry<T, F, Fut>(
     config: &WorkerConfig,
     step: F,
@@ -205,7 +208,8 @@ where
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))
-            .with_total_delay(Some(config.nats.startup_retry_for)),
+            .with_total_delay(Some(config.nats.startup_retry_for))
+            .without_max_times(),
     )
     .when(|err| !matches!(err, jetinfer_nats::ProvisionError::Subject(_)))
     .notify(
