@@ -1,6 +1,12 @@
 //! The worker's configuration: one typed struct, loaded by figment from
 //! defaults, an optional TOML file and `JETINFER_*` environment variables
 //! (nested keys joined by `__`, e.g. `JETINFER_BATCH__MAX_INPUTS=16`).
+//!
+//! A worker serves one model (`[model]` and `[batch]`) or several
+//! (`[[models]]`, each entry a `[model]` table with its own `batch`): what
+//! an entry leaves out it takes from `[model]` and `[batch]`, so those two
+//! are the defaults of every entry. [`WorkerConfig::served`] is the list
+//! either way.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,8 +61,13 @@ pub struct WorkerConfig {
     pub nats: NatsConfig,
     pub stream: StreamSettings,
     pub consumer: ConsumerSettings,
+    /// The model, when `models` is empty; else the defaults of its entries.
     pub model: ModelConfig,
+    /// `model`'s batch limits; else the defaults of every entry's `batch`.
     pub batch: BatchConfig,
+    /// Several models in one worker: one consumer, batcher and inference
+    /// thread each. Empty: the one model `model` and `batch` describe.
+    pub models: Vec<ServedModel>,
     pub pull: PullConfig,
     pub limits: Limits,
     pub reply: ReplyConfig,
@@ -70,17 +81,93 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults, then `file` (if given), then `JETINFER_*` variables.
+    /// Defaults, then `file` (if given), then `JETINFER_*` variables; each
+    /// `[[models]]` entry then completed from `[model]` and `[batch]`.
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(WorkerConfig::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment
-            .merge(Env::prefixed("JETINFER_").split("__"))
-            .extract()
-            .map_err(Box::new)
+        let figment = figment.merge(Env::prefixed("JETINFER_").split("__"));
+        let mut config: WorkerConfig = figment.extract().map_err(Box::new)?;
+        // Extracted above with the built-in defaults; again with the top level's.
+        if figment.find_value("models").is_ok() {
+            let entries: Vec<figment::value::Value> =
+                figment.extract_inner("models").map_err(Box::new)?;
+            config.models = entries
+                .into_iter()
+                .enumerate()
+                .map(|(index, entry)| config.inherit(index, entry))
+                .collect::<Result<_, _>>()?;
+        }
+        config
+            .check_models()
+            .map_err(|e| Box::new(e.to_string().into()))?;
+        Ok(config)
     }
+
+    /// `[[models]]` entry `index` with what it leaves out taken from
+    /// `[model]` and `[batch]`. Its `name` it must give.
+    fn inherit(
+        &self,
+        index: usize,
+        entry: figment::value::Value,
+    ) -> Result<ServedModel, Box<figment::Error>> {
+        if entry.find_ref("name").is_none() {
+            return Err(Box::new(
+                format!("[[models]] entry {index} has no name: each model needs its own").into(),
+            ));
+        }
+        let defaults = ServedModel {
+            model: self.model.clone(),
+            batch: self.batch,
+        };
+        Figment::from(Serialized::defaults(defaults))
+            .merge(Serialized::defaults(entry))
+            .extract()
+            .map_err(|e| Box::new(e.with_path(&format!("models[{index}]"))))
+    }
+
+    /// Every model this worker serves: the `[[models]]` entries, or the one
+    /// `[model]` with `[batch]` when there are none.
+    pub fn served(&self) -> Vec<ServedModel> {
+        if self.models.is_empty() {
+            vec![ServedModel {
+                model: self.model.clone(),
+                batch: self.batch,
+            }]
+        } else {
+            self.models.clone()
+        }
+    }
+
+    /// Refuses two entries of one name: they would share one queue.
+    pub fn check_models(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for served in &self.models {
+            if !seen.insert(served.model.name.as_str()) {
+                return Err(ConfigError::DuplicateModel(served.model.name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that cannot be served as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("[[models]] names {0:?} twice: each model is served once per worker")]
+    DuplicateModel(String),
+}
+
+/// One model a worker serves: a `[model]` table (flattened: `name`, `path`,
+/// `backend`, `forward`, `matmul`, ...) and its own batch limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedModel {
+    #[serde(flatten)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
 }
 
 /// Which inference backend serves the model.
@@ -491,6 +578,108 @@ mod millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_toml(text: &str) -> Result<WorkerConfig, Box<figment::Error>> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        WorkerConfig::load(Some(file.path()))
+    }
+
+    #[test]
+    fn a_config_without_models_serves_its_one_model_as_before() {
+        let config = load_toml(
+            r#"
+            [model]
+            name = "e5"
+            path = "/models/e5"
+            [batch]
+            max_inputs = 8
+            "#,
+        )
+        .unwrap();
+        assert!(config.models.is_empty());
+        let served = config.served();
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].model.name, "e5");
+        assert_eq!(served[0].model.path, PathBuf::from("/models/e5"));
+        assert_eq!(served[0].batch.max_inputs, 8);
+        assert_eq!(served[0].batch.max_tokens, DEFAULT_MAX_BATCH_TOKENS);
+    }
+
+    #[test]
+    fn each_models_entry_takes_what_it_leaves_out_from_model_and_batch() {
+        let config = load_toml(
+            r#"
+            [model]
+            path = "/models/shared"
+            forward = "packed"
+            matmul = "f32"
+            echo_delay_per_token_us = 7
+            [batch]
+            max_inputs = 8
+            max_wait = 3
+
+            [[models]]
+            name = "minilm"
+
+            [[models]]
+            name = "rerank"
+            path = "/models/cross-encoder"
+            backend = "echo"
+            matmul = "auto"
+            batch = { max_tokens = 512 }
+            "#,
+        )
+        .unwrap();
+        let served = config.served();
+        assert_eq!(served.len(), 2);
+        let (minilm, rerank) = (&served[0], &served[1]);
+        assert_eq!(minilm.model.name, "minilm");
+        assert_eq!(minilm.model.path, PathBuf::from("/models/shared"));
+        assert_eq!(minilm.model.forward, ForwardKind::Packed);
+        assert_eq!(minilm.model.matmul, jetinfer_bert::Matmul::F32);
+        assert_eq!(minilm.model.backend, BackendKind::Candle);
+        assert_eq!(
+            minilm.batch,
+            BatchConfig {
+                max_inputs: 8,
+                max_tokens: DEFAULT_MAX_BATCH_TOKENS,
+                max_wait: Duration::from_millis(3),
+            }
+        );
+        assert_eq!(rerank.model.name, "rerank");
+        assert_eq!(rerank.model.path, PathBuf::from("/models/cross-encoder"));
+        assert_eq!(rerank.model.backend, BackendKind::Echo);
+        assert_eq!(rerank.model.matmul, jetinfer_bert::Matmul::Auto);
+        assert_eq!(rerank.model.forward, ForwardKind::Packed, "inherited");
+        assert_eq!(rerank.model.echo_delay_per_token_us, 7, "inherited");
+        assert_eq!(
+            rerank.batch,
+            BatchConfig {
+                max_inputs: 8,
+                max_tokens: 512,
+                max_wait: Duration::from_millis(3),
+            },
+            "a partial batch table keeps the rest of [batch]"
+        );
+    }
+
+    #[test]
+    fn a_models_entry_without_a_name_or_a_name_twice_is_refused_saying_so() {
+        let err = load_toml("[[models]]\npath = \"/m\"\n").unwrap_err();
+        assert!(err.to_string().contains("entry 0 has no name"), "{err}");
+        let err = load_toml("[[models]]\nname = \"a\"\n[[models]]\nname = \"a\"\n").unwrap_err();
+        assert!(err.to_string().contains("\"a\" twice"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_in_a_models_entry_is_refused_naming_the_entry() {
+        let err =
+            load_toml("[[models]]\nname = \"a\"\n[[models]]\nname = \"b\"\nforward = \"fast\"\n")
+                .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("models.1") && text.contains("fast"), "{text}");
+    }
 
     #[test]
     fn a_device_is_cpu_cuda_or_cuda_with_a_gpu_number() {

@@ -44,7 +44,8 @@ pub struct Intake {
     pub settler: Settler,
     /// Where results may go (reply-subject confinement).
     pub reply: ReplyPolicy,
-    pub rates: TenantLimits,
+    /// Shared by every model's intake: a tenant's rates are per worker.
+    pub rates: Arc<TenantLimits>,
     pub cancellations: Arc<Cancellations>,
 }
 

@@ -38,6 +38,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod builder;
 pub mod cancel;
 pub mod config;
 pub mod discovery;
@@ -56,25 +57,16 @@ pub mod supervise;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
-use backon::{ExponentialBuilder, Retryable};
 use jetinfer_schemas::Untrusted;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use backend::{candle::CandleBackend, echo::EchoBackend, Backend, BackendError};
+pub use builder::WorkerBuilder;
 use config::{BackendKind, ModelConfig, WorkerConfig};
-use job::Ledger;
 use settle::Settler;
-use supervise::{Failure, Stage, Supervisor};
-
-/// Jobs admitted but not yet taken by the batcher, which takes them as they
-/// come (they wait in its per-tenant lanes, not here in arrival order). The
-/// worker's memory is bounded by the consumer's `max_ack_pending`.
-const ADMITTED_QUEUE: usize = 1024;
-/// Finished batches waiting for the publish stage.
-const DONE_QUEUE: usize = 4;
+use supervise::Failure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -94,6 +86,13 @@ pub enum WorkerError {
     ReplyPolicy(#[from] jetinfer_nats::subjects::ReplyPatternError),
     #[error(transparent)]
     RateLimit(#[from] rate_limit::RateLimitError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A model failed to load: start-up fails, naming it.
+    #[error("loading model {model}: {message}")]
+    Load { model: String, message: String },
+    #[error("a backend was given for model {0:?}, which the config does not serve")]
+    NotServed(String),
 }
 
 /// Loads the backend `config` names.
@@ -123,87 +122,58 @@ pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendErr
     loaded
 }
 
-/// What a worker needs of JetStream, made or brought up to date.
-struct Provisioned {
-    stream: jetstream::stream::Stream,
-    cancels: jetstream::stream::Stream,
-    consumer: jetstream::consumer::PullConsumer,
-}
-
-/// Makes or updates the jobs stream (for this model), the dead letters,
-/// the cancel notices, the results stream and bulk bucket when tenants share
-/// one account, and the model's consumer. Every step is idempotent, so a
-/// failed attempt is simply made again.
-async fn provision(
-    js: &jetstream::Context,
-    config: &WorkerConfig,
-) -> Result<Provisioned, jetinfer_nats::ProvisionError> {
-    let stream = jetinfer_nats::provision_stream(js, &config.stream, &config.model.name).await?;
-    jetinfer_nats::dead_letter::provision_bounded(
-        js,
-        config.stream.replicas,
-        config.stream.max_dead_letters_per_tenant,
-    )
-    .await?;
-    if !config.stream.tenant_accounts {
-        jetinfer_nats::results::provision(
-            js,
-            config.stream.results_max_age,
-            config.stream.replicas,
-        )
-        .await?;
-        jetinfer_nats::bulk::provision(js, config.stream.results_max_age, config.stream.replicas)
-            .await?;
-    }
-    let cancels = jetinfer_nats::bulk::provision_cancels(
-        js,
-        config.stream.results_max_age,
-        config.stream.replicas,
-    )
-    .await?;
-    let consumer =
-        jetinfer_nats::provision_consumer(&stream, &config.model.name, &config.consumer).await?;
-    Ok(Provisioned {
-        stream,
-        cancels,
-        consumer,
-    })
-}
-
 /// A running worker. Each handle below is described by its role in stopping.
 pub struct Worker {
     /// Cancelled by the owner (the binary on SIGTERM, a test) or by the
-    /// worker itself on a failure: intake stops pulling, and the stages
-    /// behind it drain as their input closes.
+    /// worker itself on a failure: every model's intake stops pulling, and
+    /// the stages behind it drain as their input closes.
     shutdown: CancellationToken,
     /// Flipped to not ready as soon as the worker starts stopping.
     health: http::Health,
-    /// Left first, so the Services API stops listing a stopping worker.
-    service: Option<async_nats::service::Service>,
-    /// The pipeline's stages, intake first, which finish on their own once
-    /// intake stops; each runs under the [`Supervisor`], which reports one
-    /// that ends while the worker is not stopping.
-    pipeline: Vec<JoinHandle<()>>,
-    /// Side tasks (progress acks, the sweep for undeliverable jobs, queue
-    /// depth, cancel notices, the connection watch), stopped by
-    /// `helpers_stop` after the drain, or at once on a failure, so no
-    /// progress ack keeps a job held by a worker that cannot finish it.
+    /// One Services API instance per model, left first, so the Services API
+    /// stops listing a stopping worker.
+    services: Vec<async_nats::service::Service>,
+    /// One pipeline per model served.
+    pipelines: Vec<Pipeline>,
+    /// Side tasks (per model: progress acks, the sweep for undeliverable
+    /// jobs, queue depth; shared: cancel notices, the connection watch),
+    /// stopped by `helpers_stop` after the drain, or at once on a failure,
+    /// so no progress ack keeps a job held by a worker that cannot finish it.
     helpers: Vec<JoinHandle<()>>,
     helpers_stop: CancellationToken,
-    /// The inference thread: ends when the batcher closes its input, joined
-    /// only after a drain that finished in time.
-    infer: Option<std::thread::JoinHandle<()>>,
-    /// Hands back (NAKs) what the ledger still holds once the stages stop.
-    settler: Settler,
     drain_timeout: Duration,
     /// Failures reported by the stages and the connection watch; the first
     /// one stops the worker ([`Worker::run_until_stopped`]).
     failures: mpsc::Receiver<Failure>,
 }
 
+/// One model's stages, wired by [`WorkerBuilder`].
+struct Pipeline {
+    /// Ends within one pull expiry of the shutdown token, having admitted or
+    /// NAKed every message it was sent; awaited before the rest.
+    intake: Option<JoinHandle<()>>,
+    /// The batcher and the publish stage, which finish on their own once
+    /// intake stops; each runs under the [`supervise::Supervisor`], which reports one
+    /// that ends while the worker is not stopping.
+    stages: Vec<JoinHandle<()>>,
+    /// The inference thread: ends when the batcher closes its input, joined
+    /// only after a drain that finished in time.
+    infer: Option<std::thread::JoinHandle<()>>,
+    /// Hands back (NAKs) what the model's ledger still holds once the
+    /// stages stop.
+    settler: Settler,
+}
+
 impl Worker {
+    /// A worker for `config`'s models; see [`WorkerBuilder`].
+    pub fn builder(config: WorkerConfig) -> WorkerBuilder {
+        WorkerBuilder::new(config)
+    }
+
     /// Connects, provisions the stream and the model's consumer, and starts the
-    /// pipeline. When this returns the worker is consuming.
+    /// pipeline, serving the first (usually only) model of `config` with
+    /// `backend` and loading any other. When this returns the worker is
+    /// consuming.
     pub async fn start(
         config: WorkerConfig,
         backend: Arc<dyn Backend>,
@@ -218,142 +188,12 @@ impl Worker {
         backend: Arc<dyn Backend>,
         health: http::Health,
     ) -> Result<Self, WorkerError> {
-        // Refuse a bad policy before touching the queue.
-        let reply = jetinfer_nats::subjects::ReplyPolicy::new(&config.reply.allow)?;
-        let rates = rate_limit::TenantLimits::new(&config.rate_limit)?;
-        jetinfer_monitoring::install()?;
-        jetinfer_monitoring::register_model(&config.model.name);
-        health.set_model_loaded(true);
-        let client = jetinfer_nats::connect(&config.nats).await?;
-        health.set_client(client.clone());
-        let js = jetstream::new(client.clone());
-        // A server restarting or a leader election answers JetStream's API
-        // with timeouts for a few seconds: a worker started then waits it
-        // out, as it waits for the first connection, rather than exit.
-        let Provisioned {
-            stream,
-            cancels,
-            consumer,
-        } = (|| provision(&js, &config))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_total_delay(Some(config.nats.startup_retry_for)),
-            )
-            .when(|err| !matches!(err, jetinfer_nats::ProvisionError::Subject(_)))
-            .notify(|err, after| {
-                tracing::warn!(error = %err, retry_in = ?after, "provisioning JetStream failed; retrying")
-            })
-            .await?;
-        let service = discovery::announce(&client, &config, backend.info())
+        let first = config.served().swap_remove(0).model.name;
+        Self::builder(config)
+            .backend(first, backend)
+            .health(health)
+            .start()
             .await
-            .map_err(WorkerError::Discovery)?;
-        health.set_consumer_bound(true);
-        tracing::info!(
-            model = %config.model.name,
-            id = %backend.info().id,
-            revision = %backend.info().revision,
-            stream = %config.stream.name,
-            "worker consuming"
-        );
-
-        let shutdown = CancellationToken::new();
-        let helpers_stop = CancellationToken::new();
-        let (supervisor, failures) = Supervisor::new(shutdown.clone());
-        let ledger = Arc::new(Ledger::new(config.model.name.clone()));
-        let cancellations = Arc::new(cancel::Cancellations::default());
-        let settler = Settler::new(
-            client.clone(),
-            config.model.name.clone(),
-            Arc::clone(&ledger),
-            config.retry,
-        )
-        .with_limits(config.consumer.max_deliver, config.limits.max_job_bytes);
-        let (jobs_tx, jobs_rx) = mpsc::channel(ADMITTED_QUEUE);
-        let (batch_requests, batches) = batch::hand_over();
-        let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
-
-        let queue_depth = queue_depth::run(
-            consumer.clone(),
-            stream.clone(),
-            config.monitoring.queue_poll,
-            config.model.cuda_device(),
-            helpers_stop.clone(),
-        );
-        let sweep = exhausted::Sweep {
-            settler: settler.clone(),
-            consumer: consumer.clone(),
-            stream: stream.clone(),
-            model: config.model.name.clone(),
-            reply: reply.clone(),
-            max_deliver: config.consumer.max_deliver,
-        };
-        let intake = intake::Intake {
-            consumer,
-            backend: Arc::clone(&backend),
-            model: config.model.name.clone(),
-            limits: config.limits,
-            pull: config.pull,
-            settler: settler.clone(),
-            reply: reply.clone(),
-            rates,
-            cancellations: Arc::clone(&cancellations),
-        };
-        let pipeline = vec![
-            supervisor.spawn(Stage::Intake, intake.run(jobs_tx, shutdown.clone())),
-            supervisor.spawn(
-                Stage::Batch,
-                batch::run(
-                    config.batch,
-                    if backend.pads_batches() {
-                        batch::Cost::Padded
-                    } else {
-                        batch::Cost::Packed
-                    },
-                    jobs_rx,
-                    batch_requests,
-                ),
-            ),
-            supervisor.spawn(
-                Stage::Publish,
-                publish::run(backend.info().clone(), settler.clone(), done_rx),
-            ),
-        ];
-        let helpers = vec![
-            tokio::spawn(keep_alive(
-                settler.clone(),
-                config.consumer.ack_wait,
-                helpers_stop.clone(),
-            )),
-            tokio::spawn(supervise::watch_connection(
-                client.clone(),
-                config.supervision.max_disconnected,
-                health.clone(),
-                supervisor.clone(),
-                helpers_stop.clone(),
-            )),
-            tokio::spawn(exhausted::sweep(sweep, helpers_stop.clone())),
-            tokio::spawn(queue_depth),
-            tokio::spawn(cancel::watch(
-                cancels,
-                Arc::clone(&cancellations),
-                helpers_stop.clone(),
-            )),
-        ];
-        let infer = infer::spawn(backend, batches, done_tx, supervisor);
-        Ok(Self {
-            shutdown,
-            health,
-            service: Some(service),
-            pipeline,
-            helpers,
-            helpers_stop,
-            infer: Some(infer),
-            settler,
-            drain_timeout: config.shutdown.drain_timeout,
-            failures,
-        })
     }
 
     /// A token that stops the worker when cancelled.
@@ -372,9 +212,12 @@ impl Worker {
         self.health.clone()
     }
 
-    /// Jobs held and not yet settled.
+    /// Jobs held and not yet settled, over every model.
     pub fn jobs_in_hand(&self) -> usize {
-        self.settler.ledger().len()
+        self.pipelines
+            .iter()
+            .map(|p| p.settler.ledger().len())
+            .sum()
     }
 
     /// Runs until the shutdown token fires (then drains as [`Worker::join`]
@@ -419,9 +262,9 @@ impl Worker {
         self.health.set_consumer_bound(false);
         if unreachable {
             tracing::warn!("NATS unreachable: jobs held here return after ack_wait");
-            self.service = None;
+            self.services.clear();
         }
-        if let Some(service) = self.service.take() {
+        for service in self.services.drain(..) {
             match tokio::time::timeout(LAST_WORDS, service.stop()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
@@ -431,17 +274,34 @@ impl Worker {
             }
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        let mut pipeline = self.pipeline.drain(..);
-        // Intake ends within one pull expiry of the cancel, having admitted or
-        // NAKed every message it was sent; only then is the ledger complete.
-        if let Some(intake) = pipeline.next() {
-            let _ = intake.await;
-        }
-        let rest: Vec<_> = pipeline.collect();
+        // Every intake ends within one pull expiry of the cancel, having
+        // admitted or NAKed every message it was sent; only then are the
+        // ledgers complete.
+        let intakes: Vec<_> = self
+            .pipelines
+            .iter_mut()
+            .filter_map(|p| p.intake.take())
+            .collect();
+        futures::future::join_all(intakes).await;
+        let rest: Vec<_> = self
+            .pipelines
+            .iter_mut()
+            .flat_map(|p| p.stages.drain(..))
+            .collect();
         let drained = tokio::time::timeout_at(deadline, futures::future::join_all(rest)).await;
-        // After a full drain the ledger is empty, unless a stage was gone and
-        // dropped what it held: whatever is left goes back to the queue.
-        let left = self.settler.ledger().jobs();
+        // After a full drain the ledgers are empty, unless a stage was gone
+        // and dropped what it held: whatever is left goes back to the queue.
+        let left: Vec<_> = self
+            .pipelines
+            .iter()
+            .flat_map(|p| {
+                p.settler
+                    .ledger()
+                    .jobs()
+                    .into_iter()
+                    .map(|job| (&p.settler, job))
+            })
+            .collect();
         if !left.is_empty() && !unreachable {
             if drained.is_err() {
                 tracing::warn!(
@@ -450,11 +310,11 @@ impl Worker {
                 );
             }
             let hand_back = async {
-                for job in &left {
+                for (settler, job) in &left {
                     if failed {
-                        self.settler.retry_later(job).await;
+                        settler.retry_later(job).await;
                     } else {
-                        self.settler.hand_back(job).await;
+                        settler.hand_back(job).await;
                     }
                 }
             };
@@ -473,18 +333,30 @@ impl Worker {
         {
             aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
+        // One connection: one flush pushes every model's acks and NAKs.
+        let settler = self.pipelines.first().map(|p| p.settler.clone());
         if unreachable {
             // Nothing to flush to.
-        } else if tokio::time::timeout(LAST_WORDS, self.settler.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!("NATS took no final flush; unacked jobs return after ack_wait");
+        } else if let Some(settler) = settler {
+            if tokio::time::timeout(LAST_WORDS, settler.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("NATS took no final flush; unacked jobs return after ack_wait");
+            }
         }
         if drained.is_ok() {
-            if let Some(infer) = self.infer.take() {
-                let _ = tokio::task::spawn_blocking(move || infer.join()).await;
-            }
+            let infers: Vec<_> = self
+                .pipelines
+                .iter_mut()
+                .filter_map(|p| p.infer.take())
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                infers.into_iter().for_each(|t| {
+                    let _ = t.join();
+                })
+            })
+            .await;
         }
     }
 }

@@ -14,7 +14,7 @@ use clap::Parser;
 use jetinfer_worker::config::WorkerConfig;
 use jetinfer_worker::http::{Health, HttpServer};
 use jetinfer_worker::supervise::{panic_message, Failure};
-use jetinfer_worker::{load_backend, Worker};
+use jetinfer_worker::Worker;
 
 #[derive(Parser)]
 #[command(
@@ -59,14 +59,11 @@ async fn run() -> anyhow::Result<()> {
     }
     tracing::info!(config = ?config, "starting");
 
-    // Serve /healthz first: a startup probe waits on it while the model loads.
+    // Serve /healthz first: a startup probe waits on it while the models load.
     let health = Health::default();
     let http = HttpServer::from_config(&config.http, health.clone()).await?;
-    let model = config.model.clone();
-    let backend = tokio::task::spawn_blocking(move || load_backend(&model))
-        .await?
-        .with_context(|| format!("loading model from {}", config.model.path.display()))?;
-    let worker = Worker::start_with_health(config, backend, health).await?;
+    // The builder loads every model (one failing names itself), then connects.
+    let worker = Worker::builder(config).health(health).start().await?;
 
     let shutdown = worker.shutdown_token();
     tokio::spawn(async move {
@@ -95,9 +92,13 @@ fn log_panics() {
     }));
 }
 
+/// The effective configuration: `models` lists every model served, each
+/// complete (the one `[model]` when the file has no `[[models]]`).
 fn config_dump(config: &WorkerConfig) -> anyhow::Result<String> {
+    let mut shown = config.clone();
+    shown.models = config.served();
     // Secrets are file paths in the config, never values, so the dump is safe.
-    Ok(serde_json::to_string_pretty(config)?)
+    Ok(serde_json::to_string_pretty(&shown)?)
 }
 
 async fn wait_for_signal() {

@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::golden::*;
+use common::*;
 use futures::StreamExt;
 use jetinfer_bert::Matmul;
 use jetinfer_nats::testing::NatsServer;
@@ -12,41 +14,6 @@ use jetinfer_schemas::{ErrorCode, Job, JobOptions};
 use jetinfer_worker::backend::l2_normalize;
 use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind};
 use jetinfer_worker::load_backend;
-use serde::Deserialize;
-
-use common::*;
-
-const MIN_COSINE: f32 = 0.9999;
-
-#[derive(Deserialize)]
-struct Golden {
-    max_seq_length: usize,
-    texts: Vec<String>,
-    embeddings: Vec<Vec<f32>>,
-}
-
-fn golden() -> Golden {
-    let path = shared_data().join("minilm_golden.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).expect("golden file parses")
-}
-
-/// Asserts the match and returns the cosine.
-fn assert_matches(text: &str, got: &[f32], want: &[f32]) -> f32 {
-    let cos = cosine(got, want);
-    assert!(
-        cos >= MIN_COSINE,
-        "cosine {cos} < {MIN_COSINE} for {:?}",
-        text.chars().take(60).collect::<String>()
-    );
-    let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!(
-        (norm - 1.0).abs() < 1e-4,
-        "result is normalised, norm {norm}"
-    );
-    cos
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_texts_match_reference_embeddings_as_single_and_multi_text_jobs() {

@@ -10,21 +10,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
 use jetinfer_bert::Matmul;
-use jetinfer_nats::testing::{workspace_root, NatsServer};
+use jetinfer_nats::testing::NatsServer;
 use jetinfer_schemas::Job;
 use jetinfer_worker::backend::l2_normalize;
 use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind, ModelConfig};
 use jetinfer_worker::load_backend;
 use serde::Deserialize;
 
+use common::golden::{fixture, MIN_COSINE};
 use common::*;
-
-const MIN_COSINE: f32 = 0.9999;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -32,12 +31,6 @@ struct Reference {
     texts: Vec<String>,
     token_counts: Vec<u32>,
     embeddings: Vec<Vec<f32>>,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    workspace_root()
-        .join("worker/tests/fixtures/models")
-        .join(name)
 }
 
 fn reference(dir: &Path) -> Reference {

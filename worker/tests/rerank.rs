@@ -8,50 +8,19 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use common::golden::*;
+use common::*;
 use futures::StreamExt;
 use jetinfer_bert::Matmul;
-use jetinfer_nats::testing::{workspace_root, NatsServer};
+use jetinfer_nats::testing::NatsServer;
 use jetinfer_schemas::{decode_result, ErrorCode, Job, JobOptions, Truncation};
 use jetinfer_worker::config::{BackendKind, BatchConfig, ForwardKind, WorkerConfig};
 use jetinfer_worker::load_backend;
-use serde::Deserialize;
 
-use common::*;
-
-/// Largest difference from the reference a score or logit may have.
-const TOLERANCE: f32 = 1e-4;
 /// The model name the test workers serve.
 const MODEL: &str = "minilm";
-
-#[derive(Deserialize)]
-struct Reference {
-    max_length: usize,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    query: String,
-    documents: Vec<String>,
-    logits: Vec<f32>,
-    scores: Vec<f32>,
-    token_counts: Vec<u32>,
-    truncated: Vec<bool>,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    workspace_root()
-        .join("worker/tests/fixtures/models")
-        .join(name)
-}
-
-fn reference() -> Reference {
-    let path = fixture("cross-encoder").join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 fn rerank_config(server: &NatsServer, matmul: Matmul) -> WorkerConfig {
     let mut config = worker_config(
@@ -80,16 +49,9 @@ fn products() -> Vec<Matmul> {
     }
 }
 
-/// Document indices by reference logit, best first.
-fn reference_order(case: &Case) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..case.logits.len() as u32).collect();
-    order.sort_by(|&a, &b| case.logits[b as usize].total_cmp(&case.logits[a as usize]));
-    order
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerank_scores_match_transformers_reference_in_the_same_order() {
-    let want = reference();
+    let want = rerank_reference();
     for matmul in products() {
         let server = NatsServer::start();
         let config = rerank_config(&server, matmul);
@@ -112,23 +74,7 @@ async fn rerank_scores_match_transformers_reference_in_the_same_order() {
                 .expect("submitted")
                 .into_reranked()
                 .expect("reranked");
-            let order: Vec<u32> = got.results.iter().map(|s| s.index).collect();
-            assert_eq!(order, reference_order(case), "{matmul:?} {:?}", case.query);
-            for s in &got.results {
-                let i = s.index as usize;
-                assert!(
-                    (s.logit - case.logits[i]).abs() < TOLERANCE
-                        && (s.score - case.scores[i]).abs() < TOLERANCE,
-                    "{matmul:?} {:?} document {i}: logit {} score {}, reference {} {}",
-                    case.query,
-                    s.logit,
-                    s.score,
-                    case.logits[i],
-                    case.scores[i]
-                );
-            }
-            assert_eq!(got.token_counts, case.token_counts, "{:?}", case.query);
-            assert_eq!(got.truncated, case.truncated, "{:?}", case.query);
+            case.assert_matches(&got, &format!("{matmul:?}"));
             shared += usize::from(got.timings.batch_size as usize > case.documents.len());
         }
         assert!(shared > 0, "no rerank job shared a batch with another job");
@@ -142,7 +88,7 @@ async fn rerank_scores_match_transformers_reference_in_the_same_order() {
             .into_reranked()
             .expect("reranked");
         let order: Vec<u32> = top.results.iter().map(|s| s.index).collect();
-        assert_eq!(order, reference_order(case)[..2]);
+        assert_eq!(order, case.order()[..2]);
         assert_eq!(top.token_counts.len(), case.documents.len());
         worker.shutdown().await;
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod golden;
 pub mod observe;
 pub mod observe_setup;
 pub mod runs;
