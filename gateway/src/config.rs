@@ -184,6 +184,12 @@ pub struct BatchApiConfig {
     /// Where running batches compose their output files (a directory per
     /// tenant below it); the rest of a batch lives in NATS.
     pub work_dir: PathBuf,
+    /// How long this replica's lease on a batch it drives lasts unless
+    /// renewed (renewed every third of it): how soon another replica takes
+    /// over the batches of one that died. Replicas' clocks must agree to
+    /// well within it.
+    #[serde(with = "secs")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for BatchApiConfig {
@@ -194,6 +200,7 @@ impl Default for BatchApiConfig {
             max_file_lines: library.max_file_lines,
             in_flight: library.in_flight,
             work_dir: std::env::temp_dir().join("jetinfer-gateway-batches"),
+            lease_ttl: library.lease_ttl,
         }
     }
 }

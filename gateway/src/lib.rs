@@ -64,9 +64,11 @@ pub struct TenantHandle {
     pub limiter: Option<Limiter>,
     /// The tenant's Batch API: files and batches in its own account.
     pub batches: Batches,
-    /// Drives the tenant's batches for the life of the gateway (dropping it
-    /// stops them where they stand; the next gateway resumes them).
-    _runner: Runner,
+    /// Drives the tenant's batches that this replica holds the lease of,
+    /// until [`Gateway::shutdown`] stops it and gives the leases up (or the
+    /// process dies and they lapse); another replica, or the next gateway,
+    /// resumes them.
+    runner: std::sync::Mutex<Option<Runner>>,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -184,6 +186,7 @@ impl Gateway {
                     max_file_lines: config.batches.max_file_lines,
                     in_flight: config.batches.in_flight,
                     work_dir: config.batches.work_dir.join(name),
+                    lease_ttl: config.batches.lease_ttl,
                     ..BatchesConfig::default()
                 },
             )
@@ -193,8 +196,11 @@ impl Gateway {
                 source,
             })?;
             // One runner per tenant, for the life of the process: it resumes
-            // every batch a previous gateway left unfinished.
+            // every batch a previous gateway left unfinished, and drives each
+            // batch only while it holds the batch's lease, so replicas share
+            // a tenant's batches without running one twice.
             let runner = batches.runner();
+            tracing::info!(tenant = %name, owner = %batches.owner(), "batch runner started");
             tenants.insert(
                 name.clone(),
                 Arc::new(TenantHandle {
@@ -202,7 +208,7 @@ impl Gateway {
                     client,
                     limiter: tenant.rate.and_then(Limiter::new),
                     batches,
-                    _runner: runner,
+                    runner: std::sync::Mutex::new(Some(runner)),
                 }),
             );
         }
@@ -273,10 +279,11 @@ impl Gateway {
     }
 
     /// Stops accepting, lets requests in flight finish (within
-    /// `limits.shutdown_grace`), then returns.
+    /// `limits.shutdown_grace`), stops the batch runners (giving their
+    /// leases up), then returns.
     pub async fn shutdown(self) {
         self.stop.cancel();
-        let _ = self.serving.await;
+        self.stopped().await;
     }
 
     /// The token whose cancelling starts [`Gateway::shutdown`]'s drain.
@@ -284,9 +291,17 @@ impl Gateway {
         self.stop.clone()
     }
 
-    /// Waits until serving has ended (after the stop token is cancelled).
+    /// Waits until serving has ended (after the stop token is cancelled),
+    /// then stops the batch runners, giving their leases up so another
+    /// replica takes the batches at once.
     pub async fn stopped(self) {
         let _ = self.serving.await;
+        for tenant in self.state.tenants.values() {
+            let runner = tenant.runner.lock().expect("not poisoned").take();
+            if let Some(runner) = runner {
+                runner.stop().await;
+            }
+        }
     }
 }
 

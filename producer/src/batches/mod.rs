@@ -18,9 +18,12 @@
 //! `ClientConfig::results_max_age` of the account's first producer, below
 //! the 24 h window) is computed again: never lost, never written twice.
 //!
-//! One runner per tenant: two runners on one batch would both drive it
-//! (the jobs are de-duplicated, the files written twice).
+//! One runner per batch at a time, across processes: a runner drives a
+//! batch only while it holds the lease in the batch's record ([`lease`]),
+//! so several gateway replicas may each run a runner for the same tenant;
+//! a killed replica's batches are taken over once its leases expire.
 
+mod lease;
 pub mod lines;
 mod runner;
 pub mod types;
@@ -40,6 +43,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::ClientConfig;
+use lease::Record;
+pub use lease::{DEFAULT_LEASE_TTL, MIN_LEASE_TTL};
 pub use runner::Runner;
 pub use types::*;
 
@@ -77,6 +82,10 @@ pub struct BatchesConfig {
     pub in_flight: usize,
     /// Where a running batch composes its files.
     pub work_dir: PathBuf,
+    /// How long a runner's lease on a batch lasts unless renewed (at least
+    /// [`MIN_LEASE_TTL`]): how soon another replica takes over the batches
+    /// of one that died.
+    pub lease_ttl: Duration,
 }
 
 impl Default for BatchesConfig {
@@ -88,6 +97,7 @@ impl Default for BatchesConfig {
             records_max_age: DEFAULT_RECORDS_MAX_AGE,
             in_flight: crate::bulk::DEFAULT_IN_FLIGHT,
             work_dir: std::env::temp_dir().join("jetinfer-batches"),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -101,7 +111,7 @@ impl Default for BatchesConfig {
 /// | [`Invalid`](Self::Invalid) | 400 | `invalid_request_error` | `param` | `null` |
 /// | [`TooLarge`](Self::TooLarge) | 413 | `invalid_request_error` | `file` | `null` |
 /// | [`Conflict`](Self::Conflict) | 409 | `invalid_request_error` | `null` | `null` |
-/// | [`Store`](Self::Store), [`Connect`](Self::Connect) | 503 | `server_error` | `null` | `null` |
+/// | [`Store`](Self::Store), [`Connect`](Self::Connect), [`LeaseLost`](Self::LeaseLost) | 503 | `server_error` | `null` | `null` |
 ///
 /// Every message is safe to show a client: ids in it are checked tokens or
 /// shortened and escaped.
@@ -126,6 +136,14 @@ pub enum BatchError {
     Conflict(String),
     #[error("the batch store is unavailable: {0}")]
     Store(String),
+    /// This handle's runner no longer holds the batch's lease (another
+    /// runner took it over, or it could not be renewed in time). Only the
+    /// runner meets it; a route never does.
+    #[error("batch {batch}'s lease is not this runner's (held by {owner:?})")]
+    LeaseLost {
+        batch: String,
+        owner: Option<String>,
+    },
     #[error(transparent)]
     Connect(#[from] jetinfer_nats::ConnectError),
 }
@@ -157,6 +175,8 @@ struct Inner {
     files: object_store::ObjectStore,
     records: kv::Store,
     config: BatchesConfig,
+    /// This handle's runner id in batch leases.
+    owner: String,
     /// Woken when a batch is created or cancelled here, so this handle's
     /// runner need not wait for its next scan.
     wake: Notify,
@@ -185,8 +205,10 @@ impl Batches {
             max_file_bytes: config.max_file_bytes.clamp(1, MAX_FILE_BYTES),
             max_file_lines: config.max_file_lines.clamp(1, MAX_FILE_LINES),
             in_flight: config.in_flight.max(1),
+            lease_ttl: config.lease_ttl.max(MIN_LEASE_TTL),
             ..config
         };
+        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
         Ok(Self {
             inner: Arc::new(Inner {
                 js,
@@ -194,6 +216,7 @@ impl Batches {
                 files,
                 records,
                 config,
+                owner,
                 wake: Notify::new(),
             }),
         })
@@ -420,7 +443,15 @@ impl Batches {
         let key = self.key(&batch.id)?;
         self.inner
             .records
-            .create(key, encode(&batch).into())
+            .create(
+                key,
+                Record {
+                    batch: batch.clone(),
+                    lease: None,
+                }
+                .encode()
+                .into(),
+            )
             .await
             .map_err(BatchError::store)?;
         self.inner.wake.notify_waiters();
@@ -442,7 +473,7 @@ impl Batches {
             .await
             .map_err(BatchError::store)?
             .ok_or_else(|| BatchError::not_found("batch", "batch_id", id))?;
-        decode(&value)
+        Ok(Record::decode(&value)?.batch)
     }
 
     /// Cancels batch `id`: it submits nothing more, its queued requests are
@@ -546,11 +577,21 @@ impl Batches {
 
     /// Changes batch `id` by compare-and-set: `change` says whether it
     /// changed anything (or refuses); retried when another writer came
-    /// first.
+    /// first. The lease is kept as it is.
     async fn update(
         &self,
         id: &str,
         mut change: impl FnMut(&mut Batch) -> Result<bool, BatchError>,
+    ) -> Result<Batch, BatchError> {
+        self.update_record(id, |record| change(&mut record.batch))
+            .await
+    }
+
+    /// [`Batches::update`] of the whole stored record, lease included.
+    async fn update_record(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Record) -> Result<bool, BatchError>,
     ) -> Result<Batch, BatchError> {
         let key = self.key(id)?;
         for _ in 0..UPDATE_ATTEMPTS {
@@ -562,17 +603,17 @@ impl Batches {
                 .map_err(BatchError::store)?
                 .filter(|e| e.operation == kv::Operation::Put)
                 .ok_or_else(|| BatchError::not_found("batch", "batch_id", id))?;
-            let mut batch = decode(&entry.value)?;
-            if !change(&mut batch)? {
-                return Ok(batch);
+            let mut record = Record::decode(&entry.value)?;
+            if !change(&mut record)? {
+                return Ok(record.batch);
             }
             match self
                 .inner
                 .records
-                .update(key.clone(), encode(&batch).into(), entry.revision)
+                .update(key.clone(), record.encode().into(), entry.revision)
                 .await
             {
-                Ok(_) => return Ok(batch),
+                Ok(_) => return Ok(record.batch),
                 Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(err) => return Err(BatchError::store(err)),
             }
@@ -587,15 +628,6 @@ impl Batches {
 fn run_of(id: &str) -> Option<&str> {
     id.strip_prefix("batch_")
         .filter(|run| jetinfer_nats::subjects::check_run_id(run).is_ok())
-}
-
-fn encode(batch: &Batch) -> Vec<u8> {
-    serde_json::to_vec(batch).expect("a batch serialises")
-}
-
-fn decode(bytes: &[u8]) -> Result<Batch, BatchError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| BatchError::Store(format!("a batch record is not readable: {e}")))
 }
 
 fn check_metadata(metadata: Option<&BTreeMap<String, String>>) -> Result<(), BatchError> {
