@@ -136,7 +136,11 @@ pub struct EdgeLimits {
     /// Inputs in one embeddings request: one request is one job, so the
     /// worker's `limits.max_inputs_per_job` by default.
     pub max_inputs: usize,
-    /// Characters per input, as the worker's `limits.max_chars_per_input`.
+    /// Documents in one rerank request, as the worker's
+    /// `limits.max_documents_per_rerank` by default; more is 413.
+    pub max_documents: usize,
+    /// Characters per input (and rerank query or document), as the
+    /// worker's `limits.max_chars_per_input`.
     pub max_chars_per_input: usize,
     /// The encoded job's size, as the worker's `limits.max_job_bytes`.
     pub max_job_bytes: usize,
@@ -157,6 +161,7 @@ impl Default for EdgeLimits {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_inputs: job.max_inputs_per_job,
+            max_documents: job.max_documents_per_rerank,
             max_chars_per_input: job.max_chars_per_input,
             max_job_bytes: job.max_job_bytes,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,

@@ -11,7 +11,8 @@
 //!
 //! Reading order: [`config`] → [`serve`] (listener, TLS, connection limits)
 //! → [`edge`] (timeouts, metrics, CORS, security headers) → [`auth`] (the
-//! [`auth::Caller`] extractor) → [`rate_limit`] → [`embeddings`]; beside
+//! [`auth::Caller`] extractor) → [`rate_limit`] → [`embeddings`] and
+//! [`rerank`]; beside
 //! them [`models`] (the catalogue), [`error`] (every refusal, OpenAI-shaped)
 //! and [`openai`] (the wire types).
 //!
@@ -29,6 +30,7 @@ pub mod jwt_crypto;
 pub mod models;
 pub mod openai;
 pub mod rate_limit;
+pub mod rerank;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -118,14 +120,15 @@ pub enum StartError {
 #[openapi(
     info(title = "jetinfer gateway", description = "OpenAI-compatible embeddings over a JetStream queue"),
     paths(
-        embeddings::create, list_models, get_model,
+        embeddings::create, rerank::create, list_models, get_model,
         batches::create_file, batches::get_file, batches::file_content, batches::delete_file,
         batches::create_batch, batches::get_batch, batches::cancel_batch, batches::list_batches
     ),
     components(schemas(
         batches::CreateBatchRequest,
         openai::EmbeddingsRequest, openai::EmbeddingsResponse, openai::EmbeddingData,
-        openai::EncodingFormat, openai::Usage, openai::ModelList, openai::Model,
+        openai::EncodingFormat, openai::Usage,
+        openai::RerankRequest, openai::RerankResponse, openai::RerankResult, openai::ModelList, openai::Model,
         openai::ErrorBody, openai::ErrorDetail
     )),
     modifiers(&BearerAuth)
@@ -314,6 +317,7 @@ pub fn router(state: AppState, tls: bool) -> Router {
     };
     Router::new()
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/rerank", post(rerank::create))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route(
