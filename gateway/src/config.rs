@@ -25,11 +25,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for a job's result; below the request timeout so the answer
 /// is the job's 504, which says the job may still complete.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(55);
-/// Open connections at once; the next accept waits for one to close.
+/// Open connections at once; one more is answered 503 with `Retry-After`
+/// and closed (`serve`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for in-flight requests before closing them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// How often the keys and JWKS files are checked for changes.
+/// How often the keys, JWKS and TLS files are checked for changes.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the served models are read from the jobs stream.
 pub const DEFAULT_MODELS_REFRESH: Duration = Duration::from_secs(10);

@@ -152,6 +152,9 @@ impl utoipa::Modify for BearerAuth {
 pub struct Gateway {
     pub local_addr: SocketAddr,
     pub state: AppState,
+    /// The TLS certificate in use, when TLS is on: reloaded when its files
+    /// change, and by [`serve::ServerCert::reload_logged`] on SIGHUP.
+    pub tls_cert: Option<Arc<serve::ServerCert>>,
     stop: CancellationToken,
     serving: JoinHandle<()>,
 }
@@ -246,7 +249,19 @@ impl Gateway {
             config.reload_interval,
             stop.clone(),
         ));
-        let tls = config.tls.as_ref().map(serve::tls_acceptor).transpose()?;
+        let tls_cert = config
+            .tls
+            .as_ref()
+            .map(serve::ServerCert::load)
+            .transpose()?;
+        let tls = tls_cert.clone().map(serve::tls_acceptor).transpose()?;
+        if let Some(cert) = &tls_cert {
+            tokio::spawn(serve::watch_cert(
+                Arc::clone(cert),
+                config.reload_interval,
+                stop.clone(),
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -268,6 +283,7 @@ impl Gateway {
             listener,
             tls: tls.clone(),
             limits: config.limits.clone(),
+            busy: busy_router(tls.is_some()),
         };
         let local_addr = listener.local_addr();
         let app = router(state.clone(), tls.is_some());
@@ -276,6 +292,7 @@ impl Gateway {
         Ok(Self {
             local_addr,
             state,
+            tls_cert,
             stop,
             serving,
         })
@@ -306,6 +323,32 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What a connection past `limits.max_connections` is answered, whatever
+/// it asks: 503 with `Retry-After`, counted and with the security headers
+/// like every response; the listener then closes it.
+pub fn busy_router(tls: bool) -> Router {
+    let edge = edge::EdgeState {
+        tls,
+        allowed_origins: Arc::default(),
+        request_timeout: config::DEFAULT_REQUEST_TIMEOUT,
+    };
+    Router::new()
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The gateway is at its connection limit; retry after the time in Retry-After",
+            )
+            .code("server_busy")
+            .retry_after(serve::BUSY_RETRY_AFTER)
+        })
+        .layer(axum::middleware::from_fn(edge::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            edge,
+            edge::security_headers,
+        ))
 }
 
 /// Every route, wrapped in the edge layers.

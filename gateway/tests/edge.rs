@@ -1,7 +1,8 @@
 //! The gateway over real HTTP (curl) in front of a real worker (echo
 //! backend) and nats-server with the shipped secure config: OpenAI's shapes,
 //! every refusal with its status, the security headers, rate limits, key
-//! rotation, metrics, a slow client cut off, timeouts and a graceful stop.
+//! rotation, metrics, a slow client cut off, a connection past the limit
+//! answered 503, timeouts and a graceful stop.
 
 mod harness;
 
@@ -465,6 +466,47 @@ async fn a_slow_client_is_cut_off_after_the_header_read_timeout() {
     );
     // A whole request on a new connection is still answered.
     assert_eq!(get(&stack, None, "/healthz").await.status, 200);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_the_limit_is_answered_503_with_retry_after_not_queued() {
+    let stack = Stack::start(BackendKind::Echo, |c| {
+        c.limits.max_connections = 1;
+    })
+    .await;
+    // The one slot, held by a connection that has sent nothing yet.
+    let held = tokio::net::TcpStream::connect(stack.gateway.local_addr)
+        .await
+        .unwrap();
+    // Bounded: the held connection is surely accepted by the first tries.
+    let mut refused = None;
+    for _ in 0..50 {
+        let reply = get(&stack, Some(ACME_KEY), "/v1/models").await;
+        if reply.status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = refused.expect("a connection past the limit was answered 503");
+    let error = reply.openai_error(503);
+    assert_eq!(error["code"], "server_busy", "{error}");
+    assert_eq!(reply.header("retry-after"), Some("1"), "{reply:?}");
+    assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+    assert_security_headers(&reply);
+
+    // The slot freed, the next connection is served.
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        if get(&stack, Some(ACME_KEY), "/v1/models").await.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a connection after the held one closed was served");
     stack.stop().await;
 }
 
