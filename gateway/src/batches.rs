@@ -88,7 +88,7 @@ fn batch_error(err: BatchError) -> ApiError {
     path = "/v1/files",
     request_body(content_type = "multipart/form-data", description = "`file` (JSONL, one request per line) and `purpose` = `batch`"),
     responses(
-        (status = 200, description = "OpenAI's File object"),
+        (status = 200, body = FileObject, description = "OpenAI's File object"),
         (status = 400, body = crate::openai::ErrorBody, description = "not multipart, no file, purpose not batch"),
         (status = 413, body = crate::openai::ErrorBody, description = "the file is over `batches.max_file_bytes` or `max_file_lines`"),
     ),
@@ -211,7 +211,7 @@ fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/v1/files/{file_id}", params(("file_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's File object"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = FileObject, description = "OpenAI's File object"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_file(
     State(state): State<AppState>,
@@ -253,7 +253,7 @@ pub async fn file_content(
 }
 
 #[utoipa::path(delete, path = "/v1/files/{file_id}", params(("file_id" = String, Path)),
-    responses((status = 200, description = "`{id, object: file, deleted: true}`"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = FileDeleted, description = "`{id, object: file, deleted: true}`"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete_file(
     State(state): State<AppState>,
@@ -271,7 +271,7 @@ pub async fn delete_file(
 }
 
 #[utoipa::path(post, path = "/v1/batches", request_body = CreateBatchRequest,
-    responses((status = 200, description = "OpenAI's Batch object, `validating`"), (status = 400, body = crate::openai::ErrorBody), (status = 404, body = crate::openai::ErrorBody, description = "no such input file")),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object, `validating`"), (status = 400, body = crate::openai::ErrorBody), (status = 404, body = crate::openai::ErrorBody, description = "no such input file")),
     security(("bearer" = [])))]
 pub async fn create_batch(
     State(state): State<AppState>,
@@ -297,7 +297,7 @@ pub async fn create_batch(
 }
 
 #[utoipa::path(get, path = "/v1/batches/{batch_id}", params(("batch_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's Batch object"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_batch(
     State(state): State<AppState>,
@@ -314,7 +314,7 @@ pub async fn get_batch(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{batch_id}/cancel", params(("batch_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's Batch object, `cancelling` or `cancelled`"), (status = 404, body = crate::openai::ErrorBody), (status = 409, body = crate::openai::ErrorBody, description = "the batch has ended")),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object, `cancelling` or `cancelled`"), (status = 404, body = crate::openai::ErrorBody), (status = 409, body = crate::openai::ErrorBody, description = "the batch has ended")),
     security(("bearer" = [])))]
 pub async fn cancel_batch(
     State(state): State<AppState>,
@@ -332,7 +332,7 @@ pub async fn cancel_batch(
 }
 
 #[utoipa::path(get, path = "/v1/batches", params(("after" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "1 to 100, default 20")),
-    responses((status = 200, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = List<Batch>, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_batches(
     State(state): State<AppState>,

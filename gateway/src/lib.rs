@@ -121,6 +121,7 @@ pub enum StartError {
     info(title = "jetinfer gateway", description = "OpenAI-compatible embeddings over a JetStream queue"),
     paths(
         embeddings::create, rerank::create, list_models, get_model,
+        openapi, healthz, readyz, metrics,
         batches::create_file, batches::get_file, batches::file_content, batches::delete_file,
         batches::create_batch, batches::get_batch, batches::cancel_batch, batches::list_batches
     ),
@@ -129,7 +130,11 @@ pub enum StartError {
         openai::EmbeddingsRequest, openai::EmbeddingsResponse, openai::EmbeddingData,
         openai::EncodingFormat, openai::Usage,
         openai::RerankRequest, openai::RerankResponse, openai::RerankResult, openai::ModelList, openai::Model,
-        openai::ErrorBody, openai::ErrorDetail
+        openai::ErrorBody, openai::ErrorDetail,
+        jetinfer_producer::batches::FileObject, jetinfer_producer::batches::FileDeleted,
+        jetinfer_producer::batches::Batch, jetinfer_producer::batches::BatchStatus,
+        jetinfer_producer::batches::RequestCounts, jetinfer_producer::batches::BatchErrors,
+        jetinfer_producer::batches::BatchErrorData
     )),
     modifiers(&BearerAuth)
 )]
@@ -351,6 +356,68 @@ pub fn busy_router(tls: bool) -> Router {
         ))
 }
 
+/// Every route the gateway serves: its path, its methods and their
+/// handlers. [`router`] mounts exactly these, and `/openapi.json` must
+/// describe each path and method (`tests/edge.rs` holds it to that).
+fn routes(
+    max_file_bytes: u64,
+) -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    axum::routing::MethodRouter<AppState>,
+)> {
+    let upload_limit = DefaultBodyLimit::max(
+        usize::try_from(max_file_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(batches::MULTIPART_SLACK),
+    );
+    vec![
+        ("/v1/embeddings", &["post"], post(embeddings::create)),
+        ("/v1/rerank", &["post"], post(rerank::create)),
+        ("/v1/models", &["get"], get(list_models)),
+        ("/v1/models/{id}", &["get"], get(get_model)),
+        (
+            "/v1/files",
+            &["post"],
+            post(batches::create_file).layer(upload_limit),
+        ),
+        (
+            "/v1/files/{id}",
+            &["get", "delete"],
+            get(batches::get_file).delete(batches::delete_file),
+        ),
+        (
+            "/v1/files/{id}/content",
+            &["get"],
+            get(batches::file_content),
+        ),
+        (
+            "/v1/batches",
+            &["post", "get"],
+            post(batches::create_batch).get(batches::list_batches),
+        ),
+        ("/v1/batches/{id}", &["get"], get(batches::get_batch)),
+        (
+            "/v1/batches/{id}/cancel",
+            &["post"],
+            post(batches::cancel_batch),
+        ),
+        ("/openapi.json", &["get"], get(openapi)),
+        ("/healthz", &["get"], get(healthz)),
+        ("/readyz", &["get"], get(readyz)),
+        ("/metrics", &["get"], get(metrics)),
+    ]
+}
+
+/// The paths and methods [`router`] serves, for checking the OpenAPI
+/// document against them.
+pub fn served_routes() -> Vec<(&'static str, &'static [&'static str])> {
+    routes(0)
+        .into_iter()
+        .map(|(path, methods, _)| (path, methods))
+        .collect()
+}
+
 /// Every route, wrapped in the edge layers.
 pub fn router(state: AppState, tls: bool) -> Router {
     let edge = edge::EdgeState {
@@ -358,56 +425,32 @@ pub fn router(state: AppState, tls: bool) -> Router {
         allowed_origins: Arc::new(state.config.cors.allowed_origins.clone()),
         request_timeout: state.config.limits.request_timeout,
     };
-    Router::new()
-        .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/rerank", post(rerank::create))
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
-        .route(
-            "/v1/files",
-            post(batches::create_file).layer(DefaultBodyLimit::max(
-                usize::try_from(state.config.batches.max_file_bytes)
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(batches::MULTIPART_SLACK),
-            )),
+    let mut app = Router::new();
+    for (path, _, route) in routes(state.config.batches.max_file_bytes) {
+        app = app.route(path, route);
+    }
+    app.fallback(|| async {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "Unknown request URL",
         )
-        .route(
-            "/v1/files/{id}",
-            get(batches::get_file).delete(batches::delete_file),
-        )
-        .route("/v1/files/{id}/content", get(batches::file_content))
-        .route(
-            "/v1/batches",
-            post(batches::create_batch).get(batches::list_batches),
-        )
-        .route("/v1/batches/{id}", get(batches::get_batch))
-        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
-        .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "Unknown request URL",
-            )
-            .code("unknown_url")
-        })
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            edge.clone(),
-            edge::timeout,
-        ))
-        .layer(axum::middleware::from_fn(edge::metrics))
-        .layer(axum::middleware::from_fn_with_state(
-            edge.clone(),
-            edge::cors,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            edge,
-            edge::security_headers,
-        ))
+        .code("unknown_url")
+    })
+    .with_state(state)
+    .layer(axum::middleware::from_fn_with_state(
+        edge.clone(),
+        edge::timeout,
+    ))
+    .layer(axum::middleware::from_fn(edge::metrics))
+    .layer(axum::middleware::from_fn_with_state(
+        edge.clone(),
+        edge::cors,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        edge,
+        edge::security_headers,
+    ))
 }
 
 fn model_object(id: String) -> Model {
@@ -446,13 +489,22 @@ pub async fn get_model(
     }
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "the OpenAPI 3 document of every route", content_type = "application/json")))]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`ok`", content_type = "text/plain")))]
+pub async fn healthz() -> &'static str {
+    "ok"
 }
 
 /// 200 while every tenant's connection and the catalogue's are up and the
 /// gateway is not stopping; 503 with the reasons otherwise.
-async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "`ready`", content_type = "text/plain"), (status = 503, description = "the reasons, one a line", content_type = "text/plain")))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     if state.stopping.is_cancelled() {
         reasons.push("stopping".to_string());
@@ -472,7 +524,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Prometheus metrics; with `metrics_token_file`, only for its bearer token.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, body = openai::ErrorBody, description = "the token is configured and missing or wrong")))]
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(want) = state.metrics_token {
         let presented = headers
             .get(header::AUTHORIZATION)
