@@ -56,6 +56,50 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
+/// `GET /v1/files`'s query.
+#[derive(Debug, Deserialize)]
+pub struct FileListQuery {
+    pub purpose: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+    /// Only `desc` (newest first) is served.
+    pub order: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/files", params(("purpose" = Option<String>, Query, description = "only files of this purpose (`batch`, `batch_output`)"), ("after" = Option<String>, Query, description = "a file id: the files after it"), ("limit" = Option<usize>, Query, description = "1 to 10,000, default 10,000"), ("order" = Option<String>, Query, description = "`desc` only")),
+    responses((status = 200, body = List<FileObject>, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_files(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<List<FileObject>>, ApiError> {
+    charge(&state, &caller)?;
+    let query = Query::<FileListQuery>::try_from_uri(&uri)
+        .map_err(|_| {
+            ApiError::invalid(
+                "limit",
+                "after must be a file id and limit a number from 1 to 10000",
+            )
+        })?
+        .0;
+    if query.order.as_deref().is_some_and(|o| o != "desc") {
+        return Err(ApiError::invalid(
+            "order",
+            "only order=desc (newest first) is served",
+        ));
+    }
+    batches_of(&caller)
+        .list_files(
+            query.purpose.as_deref(),
+            query.after.as_deref(),
+            query.limit,
+        )
+        .await
+        .map(Json)
+        .map_err(batch_error)
+}
+
 fn batches_of(caller: &Caller) -> &Batches {
     &caller.tenant.batches
 }

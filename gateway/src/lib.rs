@@ -122,7 +122,7 @@ pub enum StartError {
     paths(
         embeddings::create, rerank::create, list_models, get_model,
         openapi, healthz, readyz, metrics,
-        batches::create_file, batches::get_file, batches::file_content, batches::delete_file,
+        batches::create_file, batches::list_files, batches::get_file, batches::file_content, batches::delete_file,
         batches::create_batch, batches::get_batch, batches::cancel_batch, batches::list_batches
     ),
     components(schemas(
@@ -378,8 +378,10 @@ fn routes(
         ("/v1/models/{id}", &["get"], get(get_model)),
         (
             "/v1/files",
-            &["post"],
-            post(batches::create_file).layer(upload_limit),
+            &["post", "get"],
+            post(batches::create_file)
+                .layer(upload_limit)
+                .get(batches::list_files),
         ),
         (
             "/v1/files/{id}",

@@ -55,6 +55,9 @@ pub const MAX_FILE_LINES: u64 = 50_000;
 /// Batches per page when `list` is given no limit, and the most it gives.
 pub const DEFAULT_LIST_LIMIT: usize = 20;
 pub const MAX_LIST_LIMIT: usize = 100;
+/// Files per page when `list_files` is given no limit, and the most it
+/// gives (OpenAI's).
+pub const MAX_FILE_LIST_LIMIT: usize = 10_000;
 /// How long batch records are kept (OpenAI keeps batches 30 days).
 pub const DEFAULT_RECORDS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// OpenAI's limits on `metadata`.
@@ -353,6 +356,60 @@ impl Batches {
                 }
                 _ => BatchError::store(err),
             })
+    }
+
+    /// A page of this tenant's files, newest id first: those with `purpose`
+    /// (all when `None`), after file id `after` in that order, at most
+    /// `limit` (default and most [`MAX_FILE_LIST_LIMIT`]). Reads every
+    /// file's info of the tenant, so it costs as many as the tenant keeps.
+    pub async fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<List<FileObject>, BatchError> {
+        let limit = limit.unwrap_or(MAX_FILE_LIST_LIMIT);
+        if !(1..=MAX_FILE_LIST_LIMIT).contains(&limit) {
+            return Err(BatchError::Invalid {
+                param: "limit",
+                message: format!("limit must be from 1 to {MAX_FILE_LIST_LIMIT}"),
+            });
+        }
+        let prefix = format!("{}/", self.inner.tenant);
+        let mut infos = self.inner.files.list().await.map_err(BatchError::store)?;
+        let mut files = Vec::new();
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(BatchError::store)?;
+            let Some(id) = info.name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let meta = |k: &str| info.metadata.get(k).cloned().unwrap_or_default();
+            if purpose.is_some_and(|p| meta("purpose") != p) {
+                continue;
+            }
+            if after.is_some_and(|after| id >= after) {
+                continue;
+            }
+            files.push(FileObject {
+                id: id.to_string(),
+                object: "file".into(),
+                bytes: info.size as u64,
+                created_at: meta("created_at").parse().unwrap_or_default(),
+                filename: meta("filename"),
+                purpose: meta("purpose"),
+            });
+        }
+        // File ids carry a ULID: newest first by id, a stable order for `after`.
+        files.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        let has_more = files.len() > limit;
+        files.truncate(limit);
+        Ok(List {
+            object: "list".into(),
+            first_id: files.first().map(|f| f.id.clone()),
+            last_id: files.last().map(|f| f.id.clone()),
+            data: files,
+            has_more,
+        })
     }
 
     /// Deletes file `id` (a running batch keeps the copy it read).
