@@ -56,6 +56,50 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
+/// `GET /v1/files`'s query.
+#[derive(Debug, Deserialize)]
+pub struct FileListQuery {
+    pub purpose: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+    /// Only `desc` (newest first) is served.
+    pub order: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/files", params(("purpose" = Option<String>, Query, description = "only files of this purpose (`batch`, `batch_output`)"), ("after" = Option<String>, Query, description = "a file id: the files after it"), ("limit" = Option<usize>, Query, description = "1 to 10,000, default 10,000"), ("order" = Option<String>, Query, description = "`desc` only")),
+    responses((status = 200, body = List<FileObject>, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_files(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<List<FileObject>>, ApiError> {
+    charge(&state, &caller)?;
+    let query = Query::<FileListQuery>::try_from_uri(&uri)
+        .map_err(|_| {
+            ApiError::invalid(
+                "limit",
+                "after must be a file id and limit a number from 1 to 10000",
+            )
+        })?
+        .0;
+    if query.order.as_deref().is_some_and(|o| o != "desc") {
+        return Err(ApiError::invalid(
+            "order",
+            "only order=desc (newest first) is served",
+        ));
+    }
+    batches_of(&caller)
+        .list_files(
+            query.purpose.as_deref(),
+            query.after.as_deref(),
+            query.limit,
+        )
+        .await
+        .map(Json)
+        .map_err(batch_error)
+}
+
 fn batches_of(caller: &Caller) -> &Batches {
     &caller.tenant.batches
 }
@@ -88,7 +132,7 @@ fn batch_error(err: BatchError) -> ApiError {
     path = "/v1/files",
     request_body(content_type = "multipart/form-data", description = "`file` (JSONL, one request per line) and `purpose` = `batch`"),
     responses(
-        (status = 200, description = "OpenAI's File object"),
+        (status = 200, body = FileObject, description = "OpenAI's File object"),
         (status = 400, body = crate::openai::ErrorBody, description = "not multipart, no file, purpose not batch"),
         (status = 413, body = crate::openai::ErrorBody, description = "the file is over `batches.max_file_bytes` or `max_file_lines`"),
     ),
@@ -211,7 +255,7 @@ fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/v1/files/{file_id}", params(("file_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's File object"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = FileObject, description = "OpenAI's File object"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_file(
     State(state): State<AppState>,
@@ -253,7 +297,7 @@ pub async fn file_content(
 }
 
 #[utoipa::path(delete, path = "/v1/files/{file_id}", params(("file_id" = String, Path)),
-    responses((status = 200, description = "`{id, object: file, deleted: true}`"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = FileDeleted, description = "`{id, object: file, deleted: true}`"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete_file(
     State(state): State<AppState>,
@@ -271,7 +315,7 @@ pub async fn delete_file(
 }
 
 #[utoipa::path(post, path = "/v1/batches", request_body = CreateBatchRequest,
-    responses((status = 200, description = "OpenAI's Batch object, `validating`"), (status = 400, body = crate::openai::ErrorBody), (status = 404, body = crate::openai::ErrorBody, description = "no such input file")),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object, `validating`"), (status = 400, body = crate::openai::ErrorBody), (status = 404, body = crate::openai::ErrorBody, description = "no such input file")),
     security(("bearer" = [])))]
 pub async fn create_batch(
     State(state): State<AppState>,
@@ -297,7 +341,7 @@ pub async fn create_batch(
 }
 
 #[utoipa::path(get, path = "/v1/batches/{batch_id}", params(("batch_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's Batch object"), (status = 404, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object"), (status = 404, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_batch(
     State(state): State<AppState>,
@@ -314,7 +358,7 @@ pub async fn get_batch(
 }
 
 #[utoipa::path(post, path = "/v1/batches/{batch_id}/cancel", params(("batch_id" = String, Path)),
-    responses((status = 200, description = "OpenAI's Batch object, `cancelling` or `cancelled`"), (status = 404, body = crate::openai::ErrorBody), (status = 409, body = crate::openai::ErrorBody, description = "the batch has ended")),
+    responses((status = 200, body = Batch, description = "OpenAI's Batch object, `cancelling` or `cancelled`"), (status = 404, body = crate::openai::ErrorBody), (status = 409, body = crate::openai::ErrorBody, description = "the batch has ended")),
     security(("bearer" = [])))]
 pub async fn cancel_batch(
     State(state): State<AppState>,
@@ -332,7 +376,7 @@ pub async fn cancel_batch(
 }
 
 #[utoipa::path(get, path = "/v1/batches", params(("after" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "1 to 100, default 20")),
-    responses((status = 200, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
+    responses((status = 200, body = List<Batch>, description = "`{object: list, data, first_id, last_id, has_more}`, newest first"), (status = 400, body = crate::openai::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_batches(
     State(state): State<AppState>,

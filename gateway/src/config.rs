@@ -25,11 +25,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for a job's result; below the request timeout so the answer
 /// is the job's 504, which says the job may still complete.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(55);
-/// Open connections at once; the next accept waits for one to close.
+/// Open connections at once; one more is answered 503 with `Retry-After`
+/// and closed (`serve`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for in-flight requests before closing them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// How often the keys and JWKS files are checked for changes.
+/// How often the keys, JWKS and TLS files are checked for changes.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the served models are read from the jobs stream.
 pub const DEFAULT_MODELS_REFRESH: Duration = Duration::from_secs(10);
@@ -136,7 +137,11 @@ pub struct EdgeLimits {
     /// Inputs in one embeddings request: one request is one job, so the
     /// worker's `limits.max_inputs_per_job` by default.
     pub max_inputs: usize,
-    /// Characters per input, as the worker's `limits.max_chars_per_input`.
+    /// Documents in one rerank request, as the worker's
+    /// `limits.max_documents_per_rerank` by default; more is 413.
+    pub max_documents: usize,
+    /// Characters per input (and rerank query or document), as the
+    /// worker's `limits.max_chars_per_input`.
     pub max_chars_per_input: usize,
     /// The encoded job's size, as the worker's `limits.max_job_bytes`.
     pub max_job_bytes: usize,
@@ -157,6 +162,7 @@ impl Default for EdgeLimits {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_inputs: job.max_inputs_per_job,
+            max_documents: job.max_documents_per_rerank,
             max_chars_per_input: job.max_chars_per_input,
             max_job_bytes: job.max_job_bytes,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -184,6 +190,12 @@ pub struct BatchApiConfig {
     /// Where running batches compose their output files (a directory per
     /// tenant below it); the rest of a batch lives in NATS.
     pub work_dir: PathBuf,
+    /// How long this replica's lease on a batch it drives lasts unless
+    /// renewed (renewed every third of it): how soon another replica takes
+    /// over the batches of one that died. Replicas' clocks must agree to
+    /// well within it.
+    #[serde(with = "secs")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for BatchApiConfig {
@@ -194,6 +206,7 @@ impl Default for BatchApiConfig {
             max_file_lines: library.max_file_lines,
             in_flight: library.in_flight,
             work_dir: std::env::temp_dir().join("jetinfer-gateway-batches"),
+            lease_ttl: library.lease_ttl,
         }
     }
 }

@@ -159,7 +159,7 @@ impl ApiError {
             BatchError::Conflict(_) => {
                 Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
             }
-            BatchError::Store(_) | BatchError::Connect(_) => {
+            BatchError::Store(_) | BatchError::Connect(_) | BatchError::LeaseLost { .. } => {
                 tracing::warn!(error = %jetinfer_schemas::Untrusted(&message), "batch store");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -11,7 +11,8 @@
 //!
 //! Reading order: [`config`] → [`serve`] (listener, TLS, connection limits)
 //! → [`edge`] (timeouts, metrics, CORS, security headers) → [`auth`] (the
-//! [`auth::Caller`] extractor) → [`rate_limit`] → [`embeddings`]; beside
+//! [`auth::Caller`] extractor) → [`rate_limit`] → [`embeddings`] and
+//! [`rerank`]; beside
 //! them [`models`] (the catalogue), [`error`] (every refusal, OpenAI-shaped)
 //! and [`openai`] (the wire types).
 //!
@@ -29,6 +30,7 @@ pub mod jwt_crypto;
 pub mod models;
 pub mod openai;
 pub mod rate_limit;
+pub mod rerank;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -64,9 +66,11 @@ pub struct TenantHandle {
     pub limiter: Option<Limiter>,
     /// The tenant's Batch API: files and batches in its own account.
     pub batches: Batches,
-    /// Drives the tenant's batches for the life of the gateway (dropping it
-    /// stops them where they stand; the next gateway resumes them).
-    _runner: Runner,
+    /// Drives the tenant's batches that this replica holds the lease of,
+    /// until [`Gateway::shutdown`] stops it and gives the leases up (or the
+    /// process dies and they lapse); another replica, or the next gateway,
+    /// resumes them.
+    runner: std::sync::Mutex<Option<Runner>>,
 }
 
 /// What every handler can reach. Cheap to clone.
@@ -116,15 +120,21 @@ pub enum StartError {
 #[openapi(
     info(title = "jetinfer gateway", description = "OpenAI-compatible embeddings over a JetStream queue"),
     paths(
-        embeddings::create, list_models, get_model,
-        batches::create_file, batches::get_file, batches::file_content, batches::delete_file,
+        embeddings::create, rerank::create, list_models, get_model,
+        openapi, healthz, readyz, metrics,
+        batches::create_file, batches::list_files, batches::get_file, batches::file_content, batches::delete_file,
         batches::create_batch, batches::get_batch, batches::cancel_batch, batches::list_batches
     ),
     components(schemas(
         batches::CreateBatchRequest,
         openai::EmbeddingsRequest, openai::EmbeddingsResponse, openai::EmbeddingData,
-        openai::EncodingFormat, openai::Usage, openai::ModelList, openai::Model,
-        openai::ErrorBody, openai::ErrorDetail
+        openai::EncodingFormat, openai::Usage,
+        openai::RerankRequest, openai::RerankResponse, openai::RerankResult, openai::ModelList, openai::Model,
+        openai::ErrorBody, openai::ErrorDetail,
+        jetinfer_producer::batches::FileObject, jetinfer_producer::batches::FileDeleted,
+        jetinfer_producer::batches::Batch, jetinfer_producer::batches::BatchStatus,
+        jetinfer_producer::batches::RequestCounts, jetinfer_producer::batches::BatchErrors,
+        jetinfer_producer::batches::BatchErrorData
     )),
     modifiers(&BearerAuth)
 )]
@@ -147,6 +157,9 @@ impl utoipa::Modify for BearerAuth {
 pub struct Gateway {
     pub local_addr: SocketAddr,
     pub state: AppState,
+    /// The TLS certificate in use, when TLS is on: reloaded when its files
+    /// change, and by [`serve::ServerCert::reload_logged`] on SIGHUP.
+    pub tls_cert: Option<Arc<serve::ServerCert>>,
     stop: CancellationToken,
     serving: JoinHandle<()>,
 }
@@ -184,6 +197,7 @@ impl Gateway {
                     max_file_lines: config.batches.max_file_lines,
                     in_flight: config.batches.in_flight,
                     work_dir: config.batches.work_dir.join(name),
+                    lease_ttl: config.batches.lease_ttl,
                     ..BatchesConfig::default()
                 },
             )
@@ -193,8 +207,11 @@ impl Gateway {
                 source,
             })?;
             // One runner per tenant, for the life of the process: it resumes
-            // every batch a previous gateway left unfinished.
+            // every batch a previous gateway left unfinished, and drives each
+            // batch only while it holds the batch's lease, so replicas share
+            // a tenant's batches without running one twice.
             let runner = batches.runner();
+            tracing::info!(tenant = %name, owner = %batches.owner(), "batch runner started");
             tenants.insert(
                 name.clone(),
                 Arc::new(TenantHandle {
@@ -202,7 +219,7 @@ impl Gateway {
                     client,
                     limiter: tenant.rate.and_then(Limiter::new),
                     batches,
-                    _runner: runner,
+                    runner: std::sync::Mutex::new(Some(runner)),
                 }),
             );
         }
@@ -237,7 +254,19 @@ impl Gateway {
             config.reload_interval,
             stop.clone(),
         ));
-        let tls = config.tls.as_ref().map(serve::tls_acceptor).transpose()?;
+        let tls_cert = config
+            .tls
+            .as_ref()
+            .map(serve::ServerCert::load)
+            .transpose()?;
+        let tls = tls_cert.clone().map(serve::tls_acceptor).transpose()?;
+        if let Some(cert) = &tls_cert {
+            tokio::spawn(serve::watch_cert(
+                Arc::clone(cert),
+                config.reload_interval,
+                stop.clone(),
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -259,6 +288,7 @@ impl Gateway {
             listener,
             tls: tls.clone(),
             limits: config.limits.clone(),
+            busy: busy_router(tls.is_some()),
         };
         let local_addr = listener.local_addr();
         let app = router(state.clone(), tls.is_some());
@@ -267,16 +297,18 @@ impl Gateway {
         Ok(Self {
             local_addr,
             state,
+            tls_cert,
             stop,
             serving,
         })
     }
 
     /// Stops accepting, lets requests in flight finish (within
-    /// `limits.shutdown_grace`), then returns.
+    /// `limits.shutdown_grace`), stops the batch runners (giving their
+    /// leases up), then returns.
     pub async fn shutdown(self) {
         self.stop.cancel();
-        let _ = self.serving.await;
+        self.stopped().await;
     }
 
     /// The token whose cancelling starts [`Gateway::shutdown`]'s drain.
@@ -284,10 +316,108 @@ impl Gateway {
         self.stop.clone()
     }
 
-    /// Waits until serving has ended (after the stop token is cancelled).
+    /// Waits until serving has ended (after the stop token is cancelled),
+    /// then stops the batch runners, giving their leases up so another
+    /// replica takes the batches at once.
     pub async fn stopped(self) {
         let _ = self.serving.await;
+        for tenant in self.state.tenants.values() {
+            let runner = tenant.runner.lock().expect("not poisoned").take();
+            if let Some(runner) = runner {
+                runner.stop().await;
+            }
+        }
     }
+}
+
+/// What a connection past `limits.max_connections` is answered, whatever
+/// it asks: 503 with `Retry-After`, counted and with the security headers
+/// like every response; the listener then closes it.
+pub fn busy_router(tls: bool) -> Router {
+    let edge = edge::EdgeState {
+        tls,
+        allowed_origins: Arc::default(),
+        request_timeout: config::DEFAULT_REQUEST_TIMEOUT,
+    };
+    Router::new()
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The gateway is at its connection limit; retry after the time in Retry-After",
+            )
+            .code("server_busy")
+            .retry_after(serve::BUSY_RETRY_AFTER)
+        })
+        .layer(axum::middleware::from_fn(edge::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            edge,
+            edge::security_headers,
+        ))
+}
+
+/// Every route the gateway serves: its path, its methods and their
+/// handlers. [`router`] mounts exactly these, and `/openapi.json` must
+/// describe each path and method (`tests/edge.rs` holds it to that).
+fn routes(
+    max_file_bytes: u64,
+) -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    axum::routing::MethodRouter<AppState>,
+)> {
+    let upload_limit = DefaultBodyLimit::max(
+        usize::try_from(max_file_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(batches::MULTIPART_SLACK),
+    );
+    vec![
+        ("/v1/embeddings", &["post"], post(embeddings::create)),
+        ("/v1/rerank", &["post"], post(rerank::create)),
+        ("/v1/models", &["get"], get(list_models)),
+        ("/v1/models/{id}", &["get"], get(get_model)),
+        (
+            "/v1/files",
+            &["post", "get"],
+            post(batches::create_file)
+                .layer(upload_limit)
+                .get(batches::list_files),
+        ),
+        (
+            "/v1/files/{id}",
+            &["get", "delete"],
+            get(batches::get_file).delete(batches::delete_file),
+        ),
+        (
+            "/v1/files/{id}/content",
+            &["get"],
+            get(batches::file_content),
+        ),
+        (
+            "/v1/batches",
+            &["post", "get"],
+            post(batches::create_batch).get(batches::list_batches),
+        ),
+        ("/v1/batches/{id}", &["get"], get(batches::get_batch)),
+        (
+            "/v1/batches/{id}/cancel",
+            &["post"],
+            post(batches::cancel_batch),
+        ),
+        ("/openapi.json", &["get"], get(openapi)),
+        ("/healthz", &["get"], get(healthz)),
+        ("/readyz", &["get"], get(readyz)),
+        ("/metrics", &["get"], get(metrics)),
+    ]
+}
+
+/// The paths and methods [`router`] serves, for checking the OpenAPI
+/// document against them.
+pub fn served_routes() -> Vec<(&'static str, &'static [&'static str])> {
+    routes(0)
+        .into_iter()
+        .map(|(path, methods, _)| (path, methods))
+        .collect()
 }
 
 /// Every route, wrapped in the edge layers.
@@ -297,55 +427,32 @@ pub fn router(state: AppState, tls: bool) -> Router {
         allowed_origins: Arc::new(state.config.cors.allowed_origins.clone()),
         request_timeout: state.config.limits.request_timeout,
     };
-    Router::new()
-        .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
-        .route(
-            "/v1/files",
-            post(batches::create_file).layer(DefaultBodyLimit::max(
-                usize::try_from(state.config.batches.max_file_bytes)
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(batches::MULTIPART_SLACK),
-            )),
+    let mut app = Router::new();
+    for (path, _, route) in routes(state.config.batches.max_file_bytes) {
+        app = app.route(path, route);
+    }
+    app.fallback(|| async {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "Unknown request URL",
         )
-        .route(
-            "/v1/files/{id}",
-            get(batches::get_file).delete(batches::delete_file),
-        )
-        .route("/v1/files/{id}/content", get(batches::file_content))
-        .route(
-            "/v1/batches",
-            post(batches::create_batch).get(batches::list_batches),
-        )
-        .route("/v1/batches/{id}", get(batches::get_batch))
-        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
-        .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "Unknown request URL",
-            )
-            .code("unknown_url")
-        })
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            edge.clone(),
-            edge::timeout,
-        ))
-        .layer(axum::middleware::from_fn(edge::metrics))
-        .layer(axum::middleware::from_fn_with_state(
-            edge.clone(),
-            edge::cors,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            edge,
-            edge::security_headers,
-        ))
+        .code("unknown_url")
+    })
+    .with_state(state)
+    .layer(axum::middleware::from_fn_with_state(
+        edge.clone(),
+        edge::timeout,
+    ))
+    .layer(axum::middleware::from_fn(edge::metrics))
+    .layer(axum::middleware::from_fn_with_state(
+        edge.clone(),
+        edge::cors,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        edge,
+        edge::security_headers,
+    ))
 }
 
 fn model_object(id: String) -> Model {
@@ -384,13 +491,22 @@ pub async fn get_model(
     }
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "the OpenAPI 3 document of every route", content_type = "application/json")))]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`ok`", content_type = "text/plain")))]
+pub async fn healthz() -> &'static str {
+    "ok"
 }
 
 /// 200 while every tenant's connection and the catalogue's are up and the
 /// gateway is not stopping; 503 with the reasons otherwise.
-async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "`ready`", content_type = "text/plain"), (status = 503, description = "the reasons, one a line", content_type = "text/plain")))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     if state.stopping.is_cancelled() {
         reasons.push("stopping".to_string());
@@ -410,7 +526,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Prometheus metrics; with `metrics_token_file`, only for its bearer token.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, body = openai::ErrorBody, description = "the token is configured and missing or wrong")))]
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(want) = state.metrics_token {
         let presented = headers
             .get(header::AUTHORIZATION)

@@ -1,5 +1,6 @@
 //! The `jetinfer-gateway` binary: reads the config, starts the gateway,
-//! reloads keys on SIGHUP, and drains on SIGTERM or Ctrl-C.
+//! reloads keys and the TLS certificate on SIGHUP, and drains on SIGTERM or
+//! Ctrl-C.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,7 @@ async fn run() -> anyhow::Result<()> {
     let jwks = config.jwt.as_ref().map(|j| j.jwks_file.clone());
     let gateway = Gateway::start(config).await?;
     let credentials = gateway.state.credentials.clone();
+    let tls_cert = gateway.tls_cert.clone();
     let stop = gateway.stop_token();
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -56,6 +58,9 @@ async fn run() -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 jetinfer_gateway::auth::reload_all(&credentials, keys.as_deref(), jwks.as_deref());
+                if let Some(cert) = &tls_cert {
+                    cert.reload_logged();
+                }
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,

@@ -109,3 +109,55 @@ pub struct ErrorDetail {
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
 }
+
+/// `POST /v1/rerank`, as Infinity and Cohere take it; `texts` (and
+/// `return_text`) are text-embeddings-inference's names for the same.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RerankRequest {
+    pub model: String,
+    pub query: String,
+    /// The documents to score (Infinity, Cohere).
+    #[serde(default)]
+    pub documents: Option<Vec<String>>,
+    /// The same, by text-embeddings-inference's name; one of the two.
+    #[serde(default)]
+    pub texts: Option<Vec<String>>,
+    /// Return only the best N (all when absent).
+    #[serde(default)]
+    pub top_n: Option<u32>,
+    /// Echo each document's text in its result.
+    #[serde(default)]
+    pub return_documents: Option<bool>,
+    /// text-embeddings-inference's `return_documents`.
+    #[serde(default)]
+    pub return_text: Option<bool>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub user: Option<serde_json::Value>,
+}
+
+/// The answer to `POST /v1/rerank`: Infinity's shape (Cohere's `results`
+/// with `index` and `relevance_score`, `document` the text itself).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RerankResponse {
+    /// The job's id.
+    pub id: String,
+    /// Always `rerank`.
+    pub object: &'static str,
+    /// Best first.
+    pub results: Vec<RerankResult>,
+    pub model: String,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RerankResult {
+    /// The document's position in the request.
+    pub index: u32,
+    /// `sigmoid(logit)` of the cross-encoder, in 0..1.
+    pub relevance_score: f32,
+    /// The document's text, when `return_documents` asked for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<String>,
+}

@@ -1,6 +1,10 @@
-//! The listener: accepts at most `max_connections` at once (the next accept
-//! waits for a slot), does the TLS handshake when configured (bounded by the
-//! header read timeout too), and serves HTTP/1.1 with hyper's header read
+//! The listener: serves at most `max_connections` at once; a connection
+//! past them is answered 503 with `Retry-After` at once and closed (at most
+//! [`MAX_REFUSING`] being answered so; past those it is closed unanswered),
+//! rather than left waiting in the kernel's backlog. It does the TLS
+//! handshake when configured (bounded by the header read timeout too), with
+//! the certificate [`ServerCert`] holds at that moment (reloaded when its
+//! files change or on SIGHUP), and serves HTTP/1.1 with hyper's header read
 //! timeout, so a client that trickles its request head is cut off.
 //!
 //! Shutdown: cancelling the token stops accepting; every open connection is
@@ -10,8 +14,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,6 +24,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -35,8 +41,61 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// A rustls acceptor from PEM files (HTTP/1.1 only, by ALPN).
-pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
+/// Connections past `max_connections` being answered 503 at once; one
+/// more is closed unanswered, so a flood costs a bounded amount of work.
+pub const MAX_REFUSING: usize = 64;
+/// What a connection refused at the limit is told to wait.
+pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The server's certificate and key from PEM files, swappable: every TLS
+/// handshake takes the pair held at that moment ([`ResolvesServerCert`]),
+/// so after [`ServerCert::reload`] new connections get the new certificate
+/// while open ones keep the session they made.
+#[derive(Debug)]
+pub struct ServerCert {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCert {
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            current: RwLock::new(Arc::new(certified_key(files)?)),
+        }))
+    }
+
+    /// Reads the files again; on an error the previous pair stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(certified_key(&self.files)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// [`ServerCert::reload`], logging the outcome (for SIGHUP and the
+    /// file watcher).
+    pub fn reload_logged(&self) {
+        match self.reload() {
+            Ok(()) => {
+                tracing::info!(file = %self.files.cert_file.display(), "TLS certificate loaded")
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+/// The chain and key of `files`, checked to belong together.
+fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let shown = |p: &Path| p.display().to_string();
@@ -46,18 +105,61 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
             path: shown(&files.cert_file),
             message: e.to_string(),
         })?;
+    if certs.is_empty() {
+        return Err(TlsError::Certs {
+            path: shown(&files.cert_file),
+            message: "no PEM certificate in it".into(),
+        });
+    }
     // The key's error never quotes the key.
     let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|_| TlsError::Key {
         path: shown(&files.key_file),
         message: "not a PEM private key (PKCS#8, PKCS#1 or SEC1)".into(),
     })?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider.key_provider.load_private_key(key)?;
+    let pair = CertifiedKey::new(certs, signing);
+    match pair.keys_match() {
+        // A key type that cannot tell its public key is taken on trust.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(pair)
+        }
+        Err(err) => Err(TlsError::Config(err)),
+    }
+}
+
+/// A rustls acceptor over `cert` (HTTP/1.1 only, by ALPN).
+pub fn tls_acceptor(cert: Arc<ServerCert>) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Reloads `cert` when its files' modification time or size changes,
+/// checked every `every`, until `stop` (as [`crate::auth::watch`] does
+/// the keys file).
+pub async fn watch_cert(cert: Arc<ServerCert>, every: Duration, stop: CancellationToken) {
+    let stamp = |path: &Path| -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    let stamps = || (stamp(&cert.files.cert_file), stamp(&cert.files.key_file));
+    let mut seen = stamps();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = stamps();
+        if now != seen {
+            seen = now;
+            cert.reload_logged();
+        }
+    }
 }
 
 /// The bound socket and what serving needs.
@@ -65,6 +167,9 @@ pub struct Listener {
     pub listener: TcpListener,
     pub tls: Option<TlsAcceptor>,
     pub limits: EdgeLimits,
+    /// What answers a connection past `max_connections` (every request:
+    /// 503 with `Retry-After`), served on it once before it is closed.
+    pub busy: Router,
 }
 
 impl Listener {
@@ -75,13 +180,10 @@ impl Listener {
     /// Serves `app` until `stop`, then drains (see the module header).
     pub async fn run(self, app: Router, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
+        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
         let graceful = GracefulShutdown::new();
         let header_timeout = self.limits.header_read_timeout;
         loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => break,
-                permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-            };
             let (stream, _peer) = tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
@@ -95,11 +197,21 @@ impl Listener {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(app.clone());
+            // Full: answer 503 at once rather than queue the connection.
+            let (permit, service, keep_alive) = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => (permit, TowerToHyperService::new(app.clone()), true),
+                Err(_) => match Arc::clone(&refusing).try_acquire_owned() {
+                    Ok(permit) => (permit, TowerToHyperService::new(self.busy.clone()), false),
+                    Err(_) => {
+                        drop(stream);
+                        continue;
+                    }
+                },
+            };
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .keep_alive(true);
+                .keep_alive(keep_alive);
             let tls = self.tls.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {

@@ -1,7 +1,8 @@
 //! The gateway over real HTTP (curl) in front of a real worker (echo
 //! backend) and nats-server with the shipped secure config: OpenAI's shapes,
 //! every refusal with its status, the security headers, rate limits, key
-//! rotation, metrics, a slow client cut off, timeouts and a graceful stop.
+//! rotation, metrics, a slow client cut off, a connection past the limit
+//! answered 503, timeouts and a graceful stop.
 
 mod harness;
 
@@ -327,18 +328,89 @@ async fn every_response_carries_the_security_headers_and_no_cors_or_hsts_unless_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openapi_document_describes_the_routes_it_serves() {
+async fn openapi_document_describes_every_route_the_router_serves_and_no_other() {
     let stack = Stack::start(BackendKind::Echo, |_| {}).await;
     let doc = get(&stack, None, "/openapi.json").await;
     assert_eq!(doc.status, 200);
     let doc = doc.json();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
-    for path in ["/v1/embeddings", "/v1/models", "/v1/models/{id}"] {
-        assert!(doc["paths"].get(path).is_some(), "{path} in {doc}");
+    // Path parameters by position: the router's `{id}` is the document's
+    // `{file_id}` or `{batch_id}`.
+    let shape = |path: &str| -> String {
+        path.split('/')
+            .map(|part| if part.starts_with('{') { "{}" } else { part })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let documented: std::collections::BTreeMap<String, Vec<String>> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .map(|(path, ops)| {
+            (
+                shape(path),
+                ops.as_object().unwrap().keys().cloned().collect(),
+            )
+        })
+        .collect();
+    let served = jetinfer_gateway::served_routes();
+    for (path, methods) in &served {
+        let ops = documented
+            .get(&shape(path))
+            .unwrap_or_else(|| panic!("{path} is served and not in the document"));
+        for method in *methods {
+            assert!(
+                ops.iter().any(|op| op == method),
+                "{method} {path} is served and not in the document ({ops:?})"
+            );
+        }
     }
-    assert!(doc["components"]["schemas"]
-        .get("EmbeddingsRequest")
-        .is_some());
+    for (path, ops) in &documented {
+        let methods = served
+            .iter()
+            .find(|(p, _)| shape(p) == *path)
+            .unwrap_or_else(|| panic!("{path} is documented and not served"))
+            .1;
+        for op in ops {
+            assert!(
+                methods.contains(&op.as_str()),
+                "{op} {path} is documented and not served"
+            );
+        }
+    }
+    let schemas = &doc["components"]["schemas"];
+    for schema in [
+        "EmbeddingsRequest",
+        "RerankRequest",
+        "RerankResponse",
+        "CreateBatchRequest",
+        "FileObject",
+        "FileDeleted",
+        "Batch",
+        "BatchStatus",
+    ] {
+        assert!(
+            schemas.get(schema).is_some(),
+            "schema {schema} in {schemas}"
+        );
+    }
+    // The batch and file routes name their response schemas.
+    let ok = |path: &str, method: &str| {
+        doc["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+            .to_string()
+    };
+    assert!(
+        ok("/v1/batches/{batch_id}", "get").contains("Batch"),
+        "{}",
+        ok("/v1/batches/{batch_id}", "get")
+    );
+    assert!(ok("/v1/files/{file_id}", "get").contains("FileObject"));
+    assert!(
+        ok("/v1/batches", "get").contains("Batch"),
+        "{}",
+        ok("/v1/batches", "get")
+    );
+    assert!(ok("/v1/files", "post").contains("FileObject"));
     stack.stop().await;
 }
 
@@ -465,6 +537,47 @@ async fn a_slow_client_is_cut_off_after_the_header_read_timeout() {
     );
     // A whole request on a new connection is still answered.
     assert_eq!(get(&stack, None, "/healthz").await.status, 200);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_the_limit_is_answered_503_with_retry_after_not_queued() {
+    let stack = Stack::start(BackendKind::Echo, |c| {
+        c.limits.max_connections = 1;
+    })
+    .await;
+    // The one slot, held by a connection that has sent nothing yet.
+    let held = tokio::net::TcpStream::connect(stack.gateway.local_addr)
+        .await
+        .unwrap();
+    // Bounded: the held connection is surely accepted by the first tries.
+    let mut refused = None;
+    for _ in 0..50 {
+        let reply = get(&stack, Some(ACME_KEY), "/v1/models").await;
+        if reply.status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = refused.expect("a connection past the limit was answered 503");
+    let error = reply.openai_error(503);
+    assert_eq!(error["code"], "server_busy", "{error}");
+    assert_eq!(reply.header("retry-after"), Some("1"), "{reply:?}");
+    assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+    assert_security_headers(&reply);
+
+    // The slot freed, the next connection is served.
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        if get(&stack, Some(ACME_KEY), "/v1/models").await.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a connection after the held one closed was served");
     stack.stop().await;
 }
 

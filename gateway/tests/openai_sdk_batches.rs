@@ -10,7 +10,12 @@
 //!   batch;
 //! - with an echo worker slowed per token: the `jetinfer-gateway` binary
 //!   SIGKILLed mid-batch and a new one started on the same config, after
-//!   which the batch completes with every line exactly once.
+//!   which the batch completes with every line exactly once;
+//! - two `jetinfer-gateway` replicas on one nats-server: a batch is driven
+//!   by one of them only (one lease owner seen for its whole run, nothing of
+//!   it in the other's log) and completes with every line once; the owner
+//!   of a second batch SIGKILLed mid-batch, the survivor takes it over once
+//!   the lease expires and completes it with every line once.
 
 mod harness;
 
@@ -142,6 +147,8 @@ async fn a_batch_completes_with_every_line_once_after_its_gateway_is_killed_mid_
         .port();
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.batches.work_dir = dir.path().join("work");
+    // Short, so the new gateway takes the killed one's lease over soon.
+    config.batches.lease_ttl = Duration::from_secs(3);
     let config_file = dir.path().join("gateway.toml");
     std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
     let url = format!("http://127.0.0.1:{port}");
@@ -187,5 +194,179 @@ async fn a_batch_completes_with_every_line_once_after_its_gateway_is_killed_mid_
     assert!(out.contains("all restart SDK checks passed"), "{out}");
     second.start_kill().unwrap();
     let _ = second.wait().await;
+    worker.shutdown().await;
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The lease owner written in batch `id`'s record in tenant acme's
+/// `JETINFER_BATCHES` bucket (read as acme, as the gateway writes it).
+async fn lease_owner(records: &async_nats::jetstream::kv::Store, id: &str) -> Option<String> {
+    let value = records
+        .get(format!("acme.{id}"))
+        .await
+        .expect("the record reads")?;
+    let record: serde_json::Value = serde_json::from_slice(&value).expect("a JSON record");
+    record["lease"]["owner"].as_str().map(str::to_string)
+}
+
+/// The replica whose process id begins `owner` (`<pid>-<ulid>`).
+fn replica_of(owner: &str, pids: &[u32; 2]) -> usize {
+    let pid: u32 = owner
+        .split_once('-')
+        .and_then(|(pid, _)| pid.parse().ok())
+        .unwrap_or_else(|| panic!("a lease owner names its process: {owner}"));
+    pids.iter()
+        .position(|&p| p == pid)
+        .unwrap_or_else(|| panic!("owner {owner} is neither replica ({pids:?})"))
+}
+
+async fn batch_json(url: &str, id: &str) -> serde_json::Value {
+    curl(&[
+        "-H",
+        &format!("Authorization: Bearer {ACME_KEY}"),
+        &format!("{url}/v1/batches/{id}"),
+    ])
+    .await
+    .json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_replicas_run_each_batch_once_and_a_survivor_finishes_a_killed_owners_batch() {
+    const LINES: usize = 300;
+    let secured = Secured::start();
+    let mut config = secured.worker_config(
+        BackendKind::Echo,
+        BatchConfig {
+            max_inputs: 16,
+            max_tokens: 8192,
+            max_wait: Duration::from_millis(5),
+        },
+    );
+    config.model.echo_delay_per_token_us = 2_000;
+    let loaded = load_backend(&config.model).expect("echo loads");
+    let worker = Worker::start(config, loaded).await.expect("worker starts");
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    std::fs::write(&keys_file, keys_file_text()).unwrap();
+    let mut urls = Vec::new();
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let mut config = gateway_config(&secured, &keys_file);
+        let port = free_port();
+        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config.batches.work_dir = dir.path().join(format!("work-{name}"));
+        config.batches.lease_ttl = Duration::from_secs(3);
+        let config_file = dir.path().join(format!("gateway-{name}.toml"));
+        std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
+        replicas.push(spawn_gateway(
+            &config_file,
+            &dir.path().join(format!("{name}.log")),
+        ));
+        urls.push(format!("http://127.0.0.1:{port}"));
+    }
+    for url in &urls {
+        wait_ready(url).await;
+    }
+    let pids = [replicas[0].id().unwrap(), replicas[1].id().unwrap()];
+    let log = |i: usize| {
+        std::fs::read_to_string(dir.path().join(if i == 0 { "a.log" } else { "b.log" })).unwrap()
+    };
+    let acme = jetinfer_nats::connect(&secured.nats("acme"))
+        .await
+        .expect("acme connects");
+    let records = async_nats::jetstream::new(acme)
+        .get_key_value("JETINFER_BATCHES")
+        .await
+        .expect("the gateways made acme's batch records bucket");
+
+    // Both alive: one owner for the whole run, and it completes once.
+    let out = sdk(&urls[0], &["start", &LINES.to_string()]).await;
+    let first = out
+        .lines()
+        .find_map(|l| l.strip_prefix("batch="))
+        .expect("the script names its batch")
+        .to_string();
+    let mut owners = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the first batch never completed");
+        if let Some(owner) = lease_owner(&records, &first).await {
+            owners.insert(owner);
+        }
+        if batch_json(&urls[1], &first).await["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(owners.len(), 1, "one runner drove the batch: {owners:?}");
+    let owner = replica_of(owners.first().unwrap(), &pids);
+    let other = 1 - owner;
+    assert!(
+        !log(other).contains(&first),
+        "the replica that did not own the batch never touched it:\n{}",
+        log(other)
+    );
+    let out = sdk(&urls[other], &["finish", &first, &LINES.to_string()]).await;
+    assert!(out.contains("all restart SDK checks passed"), "{out}");
+
+    // The owner of a second batch SIGKILLed mid-batch: the survivor takes
+    // the batch over after its lease expires and completes it.
+    let out = sdk(&urls[1], &["start", &LINES.to_string()]).await;
+    let second = out
+        .lines()
+        .find_map(|l| l.strip_prefix("batch="))
+        .expect("the script names its batch")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (victim, completed_at_kill) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the second batch never made progress"
+        );
+        let batch = batch_json(&urls[0], &second).await;
+        let completed = batch["request_counts"]["completed"].as_u64().unwrap_or(0);
+        if completed > 0 {
+            assert_eq!(batch["status"], "in_progress", "{batch}");
+            let owner = lease_owner(&records, &second)
+                .await
+                .expect("a running batch has a lease");
+            break (replica_of(&owner, &pids), completed);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    replicas[victim].start_kill().expect("SIGKILL the owner");
+    let status = replicas[victim].wait().await.unwrap();
+    assert!(!status.success(), "the owner was killed: {status}");
+    assert!(
+        completed_at_kill < LINES as u64,
+        "killed mid-batch: {completed_at_kill} of {LINES} recorded"
+    );
+    let survivor = 1 - victim;
+    let out = sdk(&urls[survivor], &["finish", &second, &LINES.to_string()]).await;
+    assert!(out.contains("all restart SDK checks passed"), "{out}");
+    let owner = lease_owner(&records, &second)
+        .await
+        .expect("the finished batch names its last owner");
+    assert_eq!(
+        replica_of(&owner, &pids),
+        survivor,
+        "the survivor finished the batch"
+    );
+    assert!(
+        log(survivor).contains("taking over a batch whose runner's lease expired"),
+        "{}",
+        log(survivor)
+    );
+    replicas[survivor].start_kill().unwrap();
+    let _ = replicas[survivor].wait().await;
     worker.shutdown().await;
 }

@@ -1,11 +1,13 @@
 //! TLS and JWT at the edge, with curl: HTTPS from PEM files with HSTS (plain
-//! text refused on that port), and JWT bearer tokens verified against a
+//! text refused on that port), the certificate replaced on disk served to
+//! new connections while an open one keeps working, and JWT bearer tokens verified against a
 //! local JWKS file: accepted when valid, 401 for a bad signature, an expired
 //! token, a wrong audience or issuer, or a forged HMAC token.
 
 mod harness;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use harness::*;
@@ -67,6 +69,133 @@ async fn tls_serves_with_hsts_and_refuses_plain_text() {
         plain
     );
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("ok"));
+    stack.stop().await;
+}
+
+/// A TLS connection to the gateway trusting only `ca`, and the server
+/// certificate it was shown.
+async fn tls_connect(
+    port: u16,
+    ca: &std::path::Path,
+) -> std::io::Result<(
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+)> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let shown = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    Ok((stream, shown))
+}
+
+/// `GET /healthz` on an open connection (kept alive): its status line.
+async fn healthz_on(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The whole answer: its head and the two-byte body "ok".
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.ends_with(b"\r\n\r\nok") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    String::from_utf8_lossy(&seen)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The DER of the first certificate in PEM file `path`.
+fn der_of(path: &std::path::Path) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_served_to_new_connections_while_open_ones_keep_working() {
+    let (old, new) = (TestPki::generate(), TestPki::generate());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&old.server_cert, &cert).unwrap();
+    std::fs::copy(&old.server_key, &key).unwrap();
+    let stack = Stack::start(BackendKind::Echo, |c| {
+        c.tls = Some(TlsFiles {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        });
+    })
+    .await;
+    let port = stack.gateway.local_addr.port();
+    let (mut open, shown) = tls_connect(port, &old.ca_cert)
+        .await
+        .expect("TLS with the old CA");
+    assert_eq!(shown, der_of(&old.server_cert));
+    assert_eq!(healthz_on(&mut open).await, "HTTP/1.1 200 OK");
+
+    // Replaced as a Secret volume is: new files moved into place.
+    for (from, to) in [(&new.server_cert, &cert), (&new.server_key, &key)] {
+        let staged = to.with_extension("new");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if let Ok((_, shown)) = tls_connect(port, &new.ca_cert).await {
+            assert_eq!(shown, der_of(&new.server_cert));
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reloaded,
+        "a new connection saw the new certificate within 10 s"
+    );
+    assert!(
+        tls_connect(port, &old.ca_cert).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    // The connection made before keeps working.
+    assert_eq!(healthz_on(&mut open).await, "HTTP/1.1 200 OK");
+
+    // A broken file is refused and the certificate in use stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut fresh, shown) = tls_connect(port, &new.ca_cert)
+        .await
+        .expect("still served after a broken file");
+    assert_eq!(shown, der_of(&new.server_cert));
+    assert_eq!(healthz_on(&mut fresh).await, "HTTP/1.1 200 OK");
     stack.stop().await;
 }
 

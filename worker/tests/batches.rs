@@ -443,6 +443,11 @@ async fn a_batch_resumed_by_a_new_runner_after_a_restart_has_every_line_exactly_
     let worker = echo_worker(&server, Duration::from_millis(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = client_config(&server);
+    // Short, so the new runner takes the dropped one's lease over soon.
+    let batches_config = |dir, in_flight| BatchesConfig {
+        lease_ttl: Duration::from_secs(2),
+        ..batches_config(dir, in_flight)
+    };
     let (id, file) = {
         let batches = Batches::open(&config, batches_config(&dir, 64))
             .await
@@ -458,7 +463,8 @@ async fn a_batch_resumed_by_a_new_runner_after_a_restart_has_every_line_exactly_
             partly.request_counts.completed < LINES as u64,
             "stopped before the end"
         );
-        // The gateway stops: handle and runner gone mid-batch.
+        // The gateway dies: handle and runner gone mid-batch, its lease
+        // left to lapse.
         drop(runner);
         (batch.id, file)
     };

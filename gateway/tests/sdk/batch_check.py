@@ -189,6 +189,18 @@ def api():
     check("auto-pagination lists every batch once, newest first", sorted(seen) == sorted(everyone) and seen == sorted(seen, reverse=True), repr(seen))
     expect_error("limit 0 is 400", openai.BadRequestError, 400, lambda: client.batches.list(limit=0))
 
+    # files.list: newest first, purpose filter, pages by `after`.
+    listed = [f.id for f in client.files.list()]
+    check("files.list lists the upload and the batch's output", file.id in listed and done.output_file_id in listed, repr(listed))
+    check("files.list is newest id first", listed == sorted(listed, reverse=True), repr(listed))
+    inputs = [f.id for f in client.files.list(purpose="batch")]
+    check("files.list(purpose=batch) holds only uploads", file.id in inputs and done.output_file_id not in inputs and all(client.files.retrieve(i).purpose == "batch" for i in inputs[:3]), repr(inputs))
+    page = client.files.list(purpose="batch", limit=1)
+    check("a page of one file has more", len(page.data) == 1 and page.has_more and page.data[0].id == inputs[0], repr(page))
+    check("auto-pagination by after lists every upload once", [f.id for f in client.files.list(purpose="batch", limit=2)] == inputs, repr(inputs))
+    check("another tenant lists none of these files", not set(listed) & {f.id for f in globex.files.list()})
+    expect_error("files.list limit 0 is 400", openai.BadRequestError, 400, lambda: client.files.list(limit=0))
+
     deleted = client.files.delete(file.id)
     check("files.delete", deleted.deleted and deleted.id == file.id)
     expect_error("a deleted file is 404", openai.NotFoundError, 404, lambda: client.files.retrieve(file.id))

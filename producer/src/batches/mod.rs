@@ -18,9 +18,12 @@
 //! `ClientConfig::results_max_age` of the account's first producer, below
 //! the 24 h window) is computed again: never lost, never written twice.
 //!
-//! One runner per tenant: two runners on one batch would both drive it
-//! (the jobs are de-duplicated, the files written twice).
+//! One runner per batch at a time, across processes: a runner drives a
+//! batch only while it holds the lease in the batch's record ([`lease`]),
+//! so several gateway replicas may each run a runner for the same tenant;
+//! a killed replica's batches are taken over once its leases expire.
 
+mod lease;
 pub mod lines;
 mod runner;
 pub mod types;
@@ -40,6 +43,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::ClientConfig;
+use lease::Record;
+pub use lease::{DEFAULT_LEASE_TTL, MIN_LEASE_TTL};
 pub use runner::Runner;
 pub use types::*;
 
@@ -50,6 +55,9 @@ pub const MAX_FILE_LINES: u64 = 50_000;
 /// Batches per page when `list` is given no limit, and the most it gives.
 pub const DEFAULT_LIST_LIMIT: usize = 20;
 pub const MAX_LIST_LIMIT: usize = 100;
+/// Files per page when `list_files` is given no limit, and the most it
+/// gives (OpenAI's).
+pub const MAX_FILE_LIST_LIMIT: usize = 10_000;
 /// How long batch records are kept (OpenAI keeps batches 30 days).
 pub const DEFAULT_RECORDS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// OpenAI's limits on `metadata`.
@@ -77,6 +85,10 @@ pub struct BatchesConfig {
     pub in_flight: usize,
     /// Where a running batch composes its files.
     pub work_dir: PathBuf,
+    /// How long a runner's lease on a batch lasts unless renewed (at least
+    /// [`MIN_LEASE_TTL`]): how soon another replica takes over the batches
+    /// of one that died.
+    pub lease_ttl: Duration,
 }
 
 impl Default for BatchesConfig {
@@ -88,6 +100,7 @@ impl Default for BatchesConfig {
             records_max_age: DEFAULT_RECORDS_MAX_AGE,
             in_flight: crate::bulk::DEFAULT_IN_FLIGHT,
             work_dir: std::env::temp_dir().join("jetinfer-batches"),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -101,7 +114,7 @@ impl Default for BatchesConfig {
 /// | [`Invalid`](Self::Invalid) | 400 | `invalid_request_error` | `param` | `null` |
 /// | [`TooLarge`](Self::TooLarge) | 413 | `invalid_request_error` | `file` | `null` |
 /// | [`Conflict`](Self::Conflict) | 409 | `invalid_request_error` | `null` | `null` |
-/// | [`Store`](Self::Store), [`Connect`](Self::Connect) | 503 | `server_error` | `null` | `null` |
+/// | [`Store`](Self::Store), [`Connect`](Self::Connect), [`LeaseLost`](Self::LeaseLost) | 503 | `server_error` | `null` | `null` |
 ///
 /// Every message is safe to show a client: ids in it are checked tokens or
 /// shortened and escaped.
@@ -126,6 +139,14 @@ pub enum BatchError {
     Conflict(String),
     #[error("the batch store is unavailable: {0}")]
     Store(String),
+    /// This handle's runner no longer holds the batch's lease (another
+    /// runner took it over, or it could not be renewed in time). Only the
+    /// runner meets it; a route never does.
+    #[error("batch {batch}'s lease is not this runner's (held by {owner:?})")]
+    LeaseLost {
+        batch: String,
+        owner: Option<String>,
+    },
     #[error(transparent)]
     Connect(#[from] jetinfer_nats::ConnectError),
 }
@@ -157,6 +178,8 @@ struct Inner {
     files: object_store::ObjectStore,
     records: kv::Store,
     config: BatchesConfig,
+    /// This handle's runner id in batch leases.
+    owner: String,
     /// Woken when a batch is created or cancelled here, so this handle's
     /// runner need not wait for its next scan.
     wake: Notify,
@@ -185,8 +208,10 @@ impl Batches {
             max_file_bytes: config.max_file_bytes.clamp(1, MAX_FILE_BYTES),
             max_file_lines: config.max_file_lines.clamp(1, MAX_FILE_LINES),
             in_flight: config.in_flight.max(1),
+            lease_ttl: config.lease_ttl.max(MIN_LEASE_TTL),
             ..config
         };
+        let owner = format!("{}-{}", std::process::id(), ulid::Ulid::new());
         Ok(Self {
             inner: Arc::new(Inner {
                 js,
@@ -194,6 +219,7 @@ impl Batches {
                 files,
                 records,
                 config,
+                owner,
                 wake: Notify::new(),
             }),
         })
@@ -332,6 +358,60 @@ impl Batches {
             })
     }
 
+    /// A page of this tenant's files, newest id first: those with `purpose`
+    /// (all when `None`), after file id `after` in that order, at most
+    /// `limit` (default and most [`MAX_FILE_LIST_LIMIT`]). Reads every
+    /// file's info of the tenant, so it costs as many as the tenant keeps.
+    pub async fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<List<FileObject>, BatchError> {
+        let limit = limit.unwrap_or(MAX_FILE_LIST_LIMIT);
+        if !(1..=MAX_FILE_LIST_LIMIT).contains(&limit) {
+            return Err(BatchError::Invalid {
+                param: "limit",
+                message: format!("limit must be from 1 to {MAX_FILE_LIST_LIMIT}"),
+            });
+        }
+        let prefix = format!("{}/", self.inner.tenant);
+        let mut infos = self.inner.files.list().await.map_err(BatchError::store)?;
+        let mut files = Vec::new();
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(BatchError::store)?;
+            let Some(id) = info.name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let meta = |k: &str| info.metadata.get(k).cloned().unwrap_or_default();
+            if purpose.is_some_and(|p| meta("purpose") != p) {
+                continue;
+            }
+            if after.is_some_and(|after| id >= after) {
+                continue;
+            }
+            files.push(FileObject {
+                id: id.to_string(),
+                object: "file".into(),
+                bytes: info.size as u64,
+                created_at: meta("created_at").parse().unwrap_or_default(),
+                filename: meta("filename"),
+                purpose: meta("purpose"),
+            });
+        }
+        // File ids carry a ULID: newest first by id, a stable order for `after`.
+        files.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        let has_more = files.len() > limit;
+        files.truncate(limit);
+        Ok(List {
+            object: "list".into(),
+            first_id: files.first().map(|f| f.id.clone()),
+            last_id: files.last().map(|f| f.id.clone()),
+            data: files,
+            has_more,
+        })
+    }
+
     /// Deletes file `id` (a running batch keeps the copy it read).
     pub async fn delete_file(&self, id: &str) -> Result<FileDeleted, BatchError> {
         self.file(id).await?;
@@ -420,7 +500,15 @@ impl Batches {
         let key = self.key(&batch.id)?;
         self.inner
             .records
-            .create(key, encode(&batch).into())
+            .create(
+                key,
+                Record {
+                    batch: batch.clone(),
+                    lease: None,
+                }
+                .encode()
+                .into(),
+            )
             .await
             .map_err(BatchError::store)?;
         self.inner.wake.notify_waiters();
@@ -442,7 +530,7 @@ impl Batches {
             .await
             .map_err(BatchError::store)?
             .ok_or_else(|| BatchError::not_found("batch", "batch_id", id))?;
-        decode(&value)
+        Ok(Record::decode(&value)?.batch)
     }
 
     /// Cancels batch `id`: it submits nothing more, its queued requests are
@@ -546,11 +634,21 @@ impl Batches {
 
     /// Changes batch `id` by compare-and-set: `change` says whether it
     /// changed anything (or refuses); retried when another writer came
-    /// first.
+    /// first. The lease is kept as it is.
     async fn update(
         &self,
         id: &str,
         mut change: impl FnMut(&mut Batch) -> Result<bool, BatchError>,
+    ) -> Result<Batch, BatchError> {
+        self.update_record(id, |record| change(&mut record.batch))
+            .await
+    }
+
+    /// [`Batches::update`] of the whole stored record, lease included.
+    async fn update_record(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Record) -> Result<bool, BatchError>,
     ) -> Result<Batch, BatchError> {
         let key = self.key(id)?;
         for _ in 0..UPDATE_ATTEMPTS {
@@ -562,17 +660,17 @@ impl Batches {
                 .map_err(BatchError::store)?
                 .filter(|e| e.operation == kv::Operation::Put)
                 .ok_or_else(|| BatchError::not_found("batch", "batch_id", id))?;
-            let mut batch = decode(&entry.value)?;
-            if !change(&mut batch)? {
-                return Ok(batch);
+            let mut record = Record::decode(&entry.value)?;
+            if !change(&mut record)? {
+                return Ok(record.batch);
             }
             match self
                 .inner
                 .records
-                .update(key.clone(), encode(&batch).into(), entry.revision)
+                .update(key.clone(), record.encode().into(), entry.revision)
                 .await
             {
-                Ok(_) => return Ok(batch),
+                Ok(_) => return Ok(record.batch),
                 Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(err) => return Err(BatchError::store(err)),
             }
@@ -587,15 +685,6 @@ impl Batches {
 fn run_of(id: &str) -> Option<&str> {
     id.strip_prefix("batch_")
         .filter(|run| jetinfer_nats::subjects::check_run_id(run).is_ok())
-}
-
-fn encode(batch: &Batch) -> Vec<u8> {
-    serde_json::to_vec(batch).expect("a batch serialises")
-}
-
-fn decode(bytes: &[u8]) -> Result<Batch, BatchError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| BatchError::Store(format!("a batch record is not readable: {e}")))
 }
 
 fn check_metadata(metadata: Option<&BTreeMap<String, String>>) -> Result<(), BatchError> {

@@ -15,10 +15,16 @@
 //!    batch (`file-<run>-output`, `file-<run>-errors`: a batch resumed while
 //!    finalizing overwrites, never duplicates), then the record is final.
 //!
+//! A batch is driven only under its lease ([`super::lease`]): each scan
+//! takes the lease of every unfinished batch that has none or an expired
+//! one, and a drive stops where it stands when its lease is lost.
+//!
 //! Role in shutdown: the [`Runner`] owns one task, which owns one task per
-//! batch it drives (a `JoinSet`). Dropping the runner aborts them all where
-//! they stand; nothing is lost, since the next runner resumes each batch
-//! from the record and the results stream.
+//! batch it drives (a `JoinSet`). [`Runner::stop`] ends them, waits for
+//! them and gives their leases up, so another replica takes the batches at
+//! its next scan; dropping the runner aborts them where they stand and the
+//! leases lapse after their TTL. Nothing is lost either way: the next
+//! runner resumes each batch from the record and the results stream.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -28,6 +34,7 @@ use std::time::Duration;
 use jetinfer_schemas::{Embeddings, JobError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::lines::{self, LineOptions};
 use super::{now_s, run_of, Batch, BatchError, BatchErrorData, BatchErrors, BatchStatus, Batches};
@@ -42,9 +49,10 @@ const RESCAN: Duration = Duration::from_secs(5);
 /// Validation errors kept in a failed batch's record.
 const MAX_VALIDATION_ERRORS: usize = 32;
 
-/// Drives a tenant's batches until dropped. See the module docs.
+/// Drives a tenant's batches until stopped or dropped. See the module docs.
 pub struct Runner {
     task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
 }
 
 impl Drop for Runner {
@@ -55,16 +63,25 @@ impl Drop for Runner {
 
 impl Runner {
     pub(super) fn start(batches: Batches) -> Self {
+        let stop = CancellationToken::new();
         Self {
-            task: tokio::spawn(run_all(batches)),
+            task: tokio::spawn(run_all(batches, stop.clone())),
+            stop,
         }
+    }
+
+    /// Stops driving: every batch's drive ends where it stands, then its
+    /// lease is given up (best effort: one that is not expires).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
     }
 }
 
-async fn run_all(batches: Batches) {
+async fn run_all(batches: Batches, stop: CancellationToken) {
     let mut driving: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tasks = JoinSet::new();
-    loop {
+    while !stop.is_cancelled() {
         let wake = batches.inner.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
@@ -73,12 +90,12 @@ async fn run_all(batches: Batches) {
                 let busy: HashSet<&String> = driving.values().collect();
                 let fresh: Vec<String> = ids.into_iter().filter(|id| !busy.contains(id)).collect();
                 for id in fresh {
-                    match batches.batch(&id).await {
-                        Ok(batch) if !batch.status.is_terminal() => {
-                            let handle = tasks.spawn(drive_logged(batches.clone(), id.clone()));
+                    match batches.acquire(&id).await {
+                        Ok(Some(_)) => {
+                            let handle = tasks.spawn(drive_leased(batches.clone(), id.clone()));
                             driving.insert(handle.id(), id);
                         }
-                        Ok(_) | Err(BatchError::NotFound { .. }) => {}
+                        Ok(None) | Err(BatchError::NotFound { .. }) => {}
                         Err(err) => {
                             tracing::warn!(batch = %id, error = %err, "reading a batch record")
                         }
@@ -91,6 +108,7 @@ async fn run_all(batches: Batches) {
         tokio::pin!(rescan);
         loop {
             tokio::select! {
+                _ = stop.cancelled() => break,
                 _ = &mut wake => break,
                 _ = &mut rescan => break,
                 Some(joined) = tasks.join_next_with_id() => {
@@ -106,11 +124,28 @@ async fn run_all(batches: Batches) {
             }
         }
     }
+    tasks.shutdown().await;
+    for id in driving.values() {
+        if let Err(err) = batches.release(id).await {
+            tracing::warn!(batch = %id, error = %err, "giving a batch's lease up; it lapses instead");
+        }
+    }
 }
 
-async fn drive_logged(batches: Batches, id: String) {
-    if let Err(err) = drive(&batches, &id).await {
-        tracing::warn!(batch = %id, error = %err, "batch stopped; it is resumed at the next scan");
+/// Drives batch `id` while its lease (taken by the caller) holds.
+async fn drive_leased(batches: Batches, id: String) {
+    let driven = tokio::select! {
+        driven = drive(&batches, &id) => driven,
+        lost = batches.hold_lease(&id) => Err(lost),
+    };
+    match driven {
+        Ok(()) => {}
+        Err(err @ BatchError::LeaseLost { .. }) => {
+            tracing::info!(batch = %id, error = %err, "another runner has the batch; this one stopped driving it")
+        }
+        Err(err) => {
+            tracing::warn!(batch = %id, error = %err, "batch stopped; it is resumed at the next scan")
+        }
     }
 }
 
@@ -273,7 +308,7 @@ impl Driver for BatchDriver {
         let (completed, failed) = (self.completed, self.failed);
         let updated = self
             .batches
-            .update(&self.id, |batch| {
+            .update_owned(&self.id, |batch| {
                 let counts = &mut batch.request_counts;
                 let changed = counts.completed != completed || counts.failed != failed;
                 counts.completed = completed;
@@ -395,7 +430,7 @@ async fn drive(batches: &Batches, id: &str) -> Result<(), BatchError> {
     }
     let total = scanned.lines;
     let batch = batches
-        .update(id, |batch| {
+        .update_owned(id, |batch| {
             if batch.status == BatchStatus::Validating {
                 batch.status = BatchStatus::InProgress;
             }
@@ -455,7 +490,7 @@ async fn drive(batches: &Batches, id: &str) -> Result<(), BatchError> {
     drop(driver);
     if stop.is_none() {
         batches
-            .update(id, |batch| {
+            .update_owned(id, |batch| {
                 if batch.status != BatchStatus::InProgress {
                     return Ok(false);
                 }
@@ -512,7 +547,7 @@ async fn finish(
     stop: Option<Stop>,
 ) -> Result<(), BatchError> {
     batches
-        .update(id, |batch: &mut Batch| {
+        .update_owned(id, |batch: &mut Batch| {
             if batch.status.is_terminal() {
                 return Ok(false);
             }
@@ -546,7 +581,7 @@ async fn finish(
 /// The batch failed validation: nothing of it runs.
 async fn fail(batches: &Batches, id: &str, errors: Vec<BatchErrorData>) -> Result<(), BatchError> {
     batches
-        .update(id, |batch| {
+        .update_owned(id, |batch| {
             if batch.status.is_terminal() {
                 return Ok(false);
             }

@@ -18,6 +18,7 @@ pub const COMPLETION_WINDOW: &str = "24h";
 pub const COMPLETION_WINDOW_S: i64 = 24 * 3600;
 
 /// A file (`object: "file"`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileObject {
     pub id: String,
@@ -29,6 +30,7 @@ pub struct FileObject {
 }
 
 /// The answer to deleting a file.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDeleted {
     pub id: String,
@@ -37,6 +39,7 @@ pub struct FileDeleted {
 }
 
 /// Where a batch stands, as OpenAI names it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
@@ -85,6 +88,7 @@ impl std::fmt::Display for BatchStatus {
 }
 
 /// `request_counts` of a batch.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestCounts {
     pub total: u64,
@@ -93,6 +97,7 @@ pub struct RequestCounts {
 }
 
 /// One validation error of a batch's input file.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchErrorData {
     pub code: String,
@@ -102,6 +107,7 @@ pub struct BatchErrorData {
 }
 
 /// `errors` of a batch: why it failed validation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchErrors {
     pub object: String,
@@ -109,6 +115,7 @@ pub struct BatchErrors {
 }
 
 /// A batch (`object: "batch"`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub id: String,
@@ -134,6 +141,7 @@ pub struct Batch {
 }
 
 /// A page of a list (`object: "list"`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct List<T> {
     pub object: String,
