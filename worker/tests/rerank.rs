@@ -40,12 +40,45 @@ fn rerank_config(server: &NatsServer, matmul: Matmul) -> WorkerConfig {
 }
 
 /// Product kinds this CPU has for the packed forward.
+/// (`auto` included: for a classifier it must pick an f32-accurate kind.)
+/// Plain bf16 products are refused for a classifier, and tested so below.
 fn products() -> Vec<Matmul> {
     if Matmul::amx_available() {
-        vec![Matmul::F32, Matmul::AmxBf16x3, Matmul::AmxBf16]
+        vec![Matmul::Auto, Matmul::F32, Matmul::AmxBf16x3]
     } else {
         eprintln!("this CPU or kernel offers no AMX: AMX products not checked");
-        vec![Matmul::F32]
+        vec![Matmul::Auto, Matmul::F32]
+    }
+}
+
+/// The plain bf16 kinds this CPU runs.
+fn bf16_products() -> Vec<Matmul> {
+    let mut kinds = Vec::new();
+    if Matmul::amx_available() {
+        kinds.push(Matmul::AmxBf16);
+    }
+    if Matmul::avx512_bf16_available() {
+        kinds.push(Matmul::Avx512Bf16);
+    }
+    if kinds.is_empty() {
+        eprintln!("this CPU offers no bf16 products: their refusal not checked");
+    }
+    kinds
+}
+
+#[test]
+fn a_cross_encoder_refuses_plain_bf16_products_naming_the_accurate_ones() {
+    let server = NatsServer::start();
+    for matmul in bf16_products() {
+        let config = rerank_config(&server, matmul);
+        let err = load_backend(&config.model)
+            .err()
+            .unwrap_or_else(|| panic!("{matmul:?}: a cross-encoder loaded with bf16 products"))
+            .to_string();
+        assert!(
+            err.contains(matmul.name()) && err.contains("f32") && err.contains("rerank"),
+            "{matmul:?}: {err}"
+        );
     }
 }
 

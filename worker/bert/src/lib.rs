@@ -150,6 +150,13 @@ impl Matmul {
         }
     }
 
+    /// Whether the products round their operands to plain bf16 (f32
+    /// accumulation): close enough for embeddings (cosine >= 0.9999), not
+    /// for classifier scores.
+    pub fn rounds_to_bf16(self) -> bool {
+        matches!(self, Matmul::AmxBf16 | Matmul::Avx512Bf16)
+    }
+
     /// Every kind, for parsing names.
     pub const ALL: [Matmul; 5] = [
         Matmul::Auto,
@@ -442,8 +449,19 @@ impl Bert {
         matmul: Matmul,
         labels: Option<usize>,
     ) -> Result<Self, LoadError> {
-        // `auto` skips the products that cannot take the model's widths.
-        let matmul = matmul.resolve_for(|m| widths_fit(m, &config));
+        // `auto` skips the products that cannot take the model's widths, and
+        // for a classifier the ones that round to bf16: its scores are held
+        // to 1e-4 of the reference, which plain bf16 products miss (1e-3 on
+        // the cross-encoder fixture, with two documents swapped).
+        if labels.is_some() && matmul.rounds_to_bf16() {
+            return Err(LoadError::Unsupported(format!(
+                "{} products for a classifier: bf16 rounding moves rerank scores by \
+                 about 1e-3 and can swap documents; use `auto`, `f32` or `amx_bf16x3`",
+                matmul.name()
+            )));
+        }
+        let matmul = matmul
+            .resolve_for(|m| widths_fit(m, &config) && !(labels.is_some() && m.rounds_to_bf16()));
         if !matmul.available() {
             let missing = match matmul {
                 Matmul::Avx512Bf16 => "this CPU offers no AVX512_BF16",
