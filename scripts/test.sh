@@ -31,10 +31,13 @@ echo "== cargo clippy --features cuda (the GPU build, linted without a GPU)" >&2
 # kernels compile with it for Hopper (sm_90), no GPU or driver needed. The
 # same target directory as the lints above: the crates whose features differ
 # (candle, the worker) are checked side by side with their CPU builds, and
-# every other dependency is checked once.
+# every other dependency is checked once. The library and binary only: the
+# CUDA code lives there, and the tests differ with the feature only by a
+# `cfg!` value (re-checking forty test targets cost minutes for no code of
+# their own).
 CUDA_HOME=$(bash scripts/deps/cuda.sh)
 PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME="$CUDA_HOME" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
-  cargo clippy -p jetinfer-worker --features cuda --all-targets --locked -- -D warnings
+  cargo clippy -p jetinfer-worker --features cuda --lib --bins --locked -- -D warnings
 echo "== cargo test" >&2
 # The gateway's binary is built with the workspace, so the dashboard test
 # checks its panels against a live gateway: a skip would be a failure.
