@@ -239,6 +239,7 @@ impl Worker {
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(Duration::from_secs(5))
+                    .without_max_times()
                     .with_total_delay(Some(config.nats.startup_retry_for)),
             )
             .when(|err| !matches!(err, jetinfer_nats::ProvisionError::Subject(_)))
