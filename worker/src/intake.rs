@@ -72,7 +72,7 @@ impl Intake {
                 .expires(self.pull.expires)
                 .messages()
                 .await;
-            let mut messages = match request {
+            let messages = match request {
                 Ok(messages) => messages,
                 Err(err) => {
                     tracing::warn!(error = %Untrusted(&err), "pull failed; retrying");
@@ -82,35 +82,69 @@ impl Intake {
                     }
                 }
             };
-            while let Some(next) = messages.next().await {
-                // From here on only the Settler can ack, NAK or term it.
-                let delivery = match next {
-                    Ok(message) => Delivery::new(message),
-                    Err(err) => {
-                        tracing::warn!(error = %Untrusted(&err), "pull interrupted; pulling again");
-                        tokio::time::sleep(REPULL_DELAY).await;
-                        break;
+            // Every message already arrived is taken at once, so the jobs of
+            // one chunk are tokenised in one blocking call: one hop to a
+            // blocking thread per chunk, not per job.
+            let mut chunks = messages.ready_chunks(self.pull.batch.max(1));
+            'pull: while let Some(chunk) = chunks.next().await {
+                let mut ready: Vec<(Ready, tracing::Span)> = Vec::with_capacity(chunk.len());
+                let mut interrupted = false;
+                for next in chunk {
+                    // From here on only the Settler can ack, NAK or term it.
+                    let delivery = match next {
+                        Ok(message) => Delivery::new(message),
+                        Err(err) => {
+                            tracing::warn!(error = %Untrusted(&err), "pull interrupted; pulling again");
+                            interrupted = true;
+                            break;
+                        }
+                    };
+                    if shutdown.is_cancelled() || downstream_gone {
+                        self.settler.hand_back_unread(delivery).await;
+                        continue;
                     }
-                };
-                if shutdown.is_cancelled() || downstream_gone {
-                    self.settler.hand_back_unread(delivery).await;
-                    continue;
+                    let headers = JobHeaders::read(delivery.headers());
+                    let span = job_span(&headers);
+                    // Jobs of this chunk not yet in the ledger count as held.
+                    let held =
+                        |tenant: &str| ready.iter().filter(|(r, _)| r.tenant == tenant).count();
+                    if let Some(job) = self
+                        .screen_delivery(delivery, headers, held)
+                        .instrument(span.clone())
+                        .await
+                    {
+                        ready.push((job, span));
+                    }
                 }
-                let headers = JobHeaders::read(delivery.headers());
-                let span = job_span(&headers);
-                if let Some(job) = self.admit(delivery, headers).instrument(span.clone()).await {
+                let tokens = self.tokenize_all(&ready).await;
+                for ((job, span), tokens) in ready.into_iter().zip(tokens) {
+                    let Some(job) = self.admit(job, tokens).instrument(span.clone()).await else {
+                        continue;
+                    };
                     let job = Arc::new(job.with_span(span));
                     self.settler.admitted(&job);
-                    if jobs.send(job).await.is_err() {
+                    if !downstream_gone && jobs.send(job).await.is_err() {
                         downstream_gone = true;
                     }
+                }
+                if interrupted {
+                    tokio::time::sleep(REPULL_DELAY).await;
+                    break 'pull;
                 }
             }
         }
     }
 
-    /// Turns a message into an admitted job, or settles it and returns `None`.
-    async fn admit(&self, delivery: Delivery, headers: JobHeaders) -> Option<InFlightJob> {
+    /// Screens a message and applies every limit that needs no tokens:
+    /// what passes waits for its tokens ([`Ready`]); anything else is
+    /// settled here and `None` returned. `held_in_chunk` counts a tenant's
+    /// jobs that passed earlier in the same chunk (not yet in the ledger).
+    async fn screen_delivery(
+        &self,
+        delivery: Delivery,
+        headers: JobHeaders,
+        held_in_chunk: impl Fn(&str) -> usize,
+    ) -> Option<Ready> {
         let delivered = delivery.delivered();
         jetinfer_monitoring::job_received(&self.model, delivered);
         if self.settler.past_last_delivery(delivered) {
@@ -183,7 +217,10 @@ impl Intake {
         // letter: retrying (or splitting a too costly job) is the client's call.
         let admitted = self
             .rates
-            .check_held(&tenant, self.settler.ledger().held_by(&tenant))
+            .check_held(
+                &tenant,
+                self.settler.ledger().held_by(&tenant) + held_in_chunk(&tenant),
+            )
             .and_then(|()| self.rates.check_job(&tenant, job.inputs.len()));
         if let Err(refused) = admitted {
             let error = refused.error(&tenant);
@@ -191,12 +228,72 @@ impl Intake {
                 .await;
             return None;
         }
+        Some(Ready {
+            delivery,
+            job,
+            reply_to,
+            tenant,
+            cancel_flag,
+        })
+    }
+
+    /// Tokenises the inputs of every job in `ready` in one blocking call,
+    /// each job's result on its own.
+    async fn tokenize_all(
+        &self,
+        ready: &[(Ready, tracing::Span)],
+    ) -> Vec<Result<Vec<Tokens>, JobError>> {
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let backend = Arc::clone(&self.backend);
+        let inputs: Vec<TokenizeInputs> = ready
+            .iter()
+            .map(|(r, _)| TokenizeInputs {
+                inputs: r.job.inputs.clone(),
+                query: r.job.rerank.as_ref().map(|q| q.query.clone()),
+            })
+            .collect();
+        let count = inputs.len();
+        let tokenized = tokio::task::spawn_blocking(move || {
+            inputs
+                .into_iter()
+                .map(|job| job.tokenize(backend.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match tokenized {
+            Ok(all) => ready
+                .iter()
+                .zip(all)
+                .map(|((r, _), tokens)| self.checked_tokens(&r.job, tokens))
+                .collect(),
+            Err(err) => {
+                let error = JobError::new(ErrorCode::Internal, err.to_string());
+                vec![Err(error); count]
+            }
+        }
+    }
+
+    /// Admits a screened job with its tokens (charged to its tenant's token
+    /// rate), or settles it and returns `None`.
+    async fn admit(
+        &self,
+        ready: Ready,
+        tokens: Result<Vec<Tokens>, JobError>,
+    ) -> Option<InFlightJob> {
+        let Ready {
+            delivery,
+            job,
+            reply_to,
+            tenant,
+            cancel_flag,
+        } = ready;
         let (key, delivered, published) = match delivery.info() {
             Ok(info) => (info.stream_sequence, info.delivered, info.published),
             Err(_) => (0, 1, OffsetDateTime::now_utc()),
         };
-
-        let tokens = match self.tokenize(&job).await {
+        let tokens = match tokens {
             Ok(tokens) => tokens,
             Err(error) => {
                 self.settler
@@ -247,23 +344,15 @@ impl Intake {
         Some(self.cancellations.flag(tenant, run?))
     }
 
-    /// Tokenises every input on a blocking thread: each text of an
-    /// embedding job, each (query, document) pair of a rerank job.
-    async fn tokenize(&self, job: &Job) -> Result<Vec<Tokens>, JobError> {
-        let backend = Arc::clone(&self.backend);
-        let inputs = job.inputs.clone();
-        let query = job.rerank.as_ref().map(|r| r.query.clone());
+    /// A job's tokens as the backend made them, or the error it is refused
+    /// with (a query too long, or an input too long under `reject`).
+    fn checked_tokens(
+        &self,
+        job: &Job,
+        tokens: Result<Vec<Tokens>, BackendError>,
+    ) -> Result<Vec<Tokens>, JobError> {
         let reject_long = job.options.truncation == Truncation::Reject;
-        let tokens = tokio::task::spawn_blocking(move || match query {
-            Some(query) => backend.tokenize_pairs(&query, &inputs),
-            None => inputs
-                .iter()
-                .map(|text| backend.tokenize(text))
-                .collect::<Result<Vec<_>, _>>(),
-        })
-        .await
-        .map_err(|e| JobError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| match e {
+        let tokens = tokens.map_err(|e| match e {
             BackendError::QueryTooLong { .. } => {
                 JobError::new(ErrorCode::InputTooLong, format!("{e}: shorten the query"))
             }
@@ -285,6 +374,36 @@ impl Intake {
             }
         }
         Ok(tokens)
+    }
+}
+
+/// A job that passed screening and every limit that needs no tokens,
+/// waiting for its tokens.
+struct Ready {
+    delivery: Delivery,
+    job: Job,
+    reply_to: String,
+    tenant: String,
+    cancel_flag: Option<Arc<AtomicBool>>,
+}
+
+/// What a blocking thread tokenises for one job: each text of an embedding
+/// job, each (query, document) pair of a rerank job.
+struct TokenizeInputs {
+    inputs: Vec<String>,
+    query: Option<String>,
+}
+
+impl TokenizeInputs {
+    fn tokenize(self, backend: &dyn Backend) -> Result<Vec<Tokens>, BackendError> {
+        match self.query {
+            Some(query) => backend.tokenize_pairs(&query, &self.inputs),
+            None => self
+                .inputs
+                .iter()
+                .map(|text| backend.tokenize(text))
+                .collect(),
+        }
     }
 }
 

@@ -45,6 +45,10 @@ use tracing::Instrument;
 use crate::config::RetryConfig;
 use crate::job::{InFlightJob, Ledger};
 
+/// Longest a double ack waits for JetStream's confirmation (async-nats's
+/// JetStream default).
+const ACK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A job message as JetStream delivered it. Anyone may read it; only this
 /// module reaches the message, so only the [`Settler`] acks, NAKs or
 /// terminates it.
@@ -339,15 +343,33 @@ impl Settler {
 
     async fn settle(&self, job: &InFlightJob, kind: AckKind) {
         let outcome = match kind {
-            // The double ack waits for JetStream to confirm, so a lost ack
-            // shows up here rather than as a silent redelivery later.
-            AckKind::Ack => job.delivery().message.double_ack().await,
+            AckKind::Ack => self.double_ack(job.delivery()).await,
             other => job.delivery().message.ack_with(other).await,
         };
         if let Err(err) = outcome {
             tracing::warn!(job = %Untrusted(&job.id), error = %Untrusted(&err), "settling job failed; JetStream will redeliver it");
         }
         self.release(job);
+    }
+
+    /// The double ack: `+ACK` sent as a request, so JetStream's answer
+    /// confirms it took the ack, and a lost ack shows up here rather than as
+    /// a silent redelivery later. Sent through the client's one shared
+    /// request inbox, as JetStream publishes are: async-nats's own
+    /// `double_ack` subscribes to a fresh inbox and unsubscribes again for
+    /// every job, which cost the worker and the server a subscription per
+    /// job (docs/benchmarks.md, "the queue's own cost"). A reply that says
+    /// nobody took the ack (no responders) is a failure here, where that
+    /// `double_ack` counted any reply as confirmation.
+    async fn double_ack(&self, delivery: &Delivery) -> Result<(), async_nats::Error> {
+        let Some(ack_subject) = delivery.message.reply.clone() else {
+            return Err("no reply subject: not a JetStream message".into());
+        };
+        let request = async_nats::Request::new()
+            .payload(AckKind::Ack.into())
+            .timeout(Some(ACK_CONFIRM_TIMEOUT));
+        self.client.send_request(ack_subject, request).await?;
+        Ok(())
     }
 
     /// Pushes everything buffered (replies, acks, NAKs) to the server: a

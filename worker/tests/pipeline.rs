@@ -323,3 +323,123 @@ async fn a_worker_whose_server_is_gone_still_stops() {
         .await
         .expect("the worker stopped although its server is gone");
 }
+
+/// How many messages `stream` holds on `subject`.
+async fn held_on(js: &jetstream::Context, stream: &str, subject: &str) -> usize {
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut subjects = stream.info_with_subjects(subject).await.unwrap();
+    let mut count = 0;
+    while let Some(entry) = subjects.next().await {
+        count += entry.unwrap().1;
+    }
+    count
+}
+
+/// A result that no stream stores (tenant `lost` has no results stream
+/// yet) leaves its job unacked: it stays in the jobs stream and comes back,
+/// while the jobs settled beside it, whose results were stored, are acked
+/// and gone. Once a stream takes `lost`'s results the job is answered:
+/// nothing was lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_result_is_not_stored_stays_unacked_while_those_beside_it_are_acked() {
+    use jetinfer_nats::Tenant;
+    const KEPT: usize = 8;
+    let server = NatsServer::start();
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(nats.clone());
+    // As in a tenant's own account: the results stream is the producers',
+    // and here it takes only tenant `kept`'s results.
+    js.create_stream(jetstream::stream::Config {
+        name: "JETINFER_RESULTS".into(),
+        subjects: vec!["results.kept.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut config = worker_config(&server, BackendKind::Echo, batch(64, 1 << 16, 0));
+    config.stream.tenant_accounts = true;
+    config.consumer.max_deliver = 0;
+    config.retry.min_delay = Duration::from_millis(200);
+    config.retry.max_delay = Duration::from_millis(200);
+    // Started once to make the jobs stream and consumer, then stopped, so
+    // every job waits in the stream and the next worker pulls them together.
+    start_worker(config.clone(), slow_echo())
+        .await
+        .shutdown()
+        .await;
+    let (kept, lost) = (Tenant::new("kept").unwrap(), Tenant::new("lost").unwrap());
+    for i in 0..KEPT {
+        let job = Job::new("minilm", vec![format!("kept {i}")]);
+        jetinfer_nats::publish_job(&js, &kept, &job, "results.kept.inbox")
+            .await
+            .unwrap();
+        if i == KEPT / 2 {
+            let job = Job::new("minilm", vec!["lost".into()]);
+            jetinfer_nats::publish_job(&js, &lost, &job, "results.lost.inbox")
+                .await
+                .unwrap();
+        }
+    }
+    let worker = start_worker(config, slow_echo()).await;
+
+    let consumer_info = || async {
+        let stream = js.get_stream("JETINFER_JOBS").await.unwrap();
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("worker-minilm").await.unwrap();
+        consumer.info().await.unwrap().clone()
+    };
+    // Bounded: 600 looks, 50 ms apart.
+    let mut came_back = false;
+    for _ in 0..600 {
+        let info = consumer_info().await;
+        let stored = held_on(&js, "JETINFER_RESULTS", "results.kept.>").await;
+        if stored == KEPT && info.num_redelivered >= 1 {
+            came_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        came_back,
+        "every kept result stored and the lost job redelivered"
+    );
+    assert_eq!(
+        held_on(&js, "JETINFER_JOBS", "jobs.minilm.kept").await,
+        0,
+        "the jobs whose results were stored are acked and gone"
+    );
+    assert_eq!(
+        held_on(&js, "JETINFER_JOBS", "jobs.minilm.lost").await,
+        1,
+        "the job whose result was not stored is still in the jobs stream"
+    );
+    assert_eq!(
+        held_on(&js, "JETINFER_RESULTS", "results.kept.>").await,
+        KEPT,
+        "each kept job answered once"
+    );
+
+    // A stream now takes `lost`'s results: its next delivery is answered.
+    js.update_stream(jetstream::stream::Config {
+        name: "JETINFER_RESULTS".into(),
+        subjects: vec!["results.kept.>".into(), "results.lost.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut answered = false;
+    for _ in 0..600 {
+        if held_on(&js, "JETINFER_RESULTS", "results.lost.>").await == 1
+            && held_on(&js, "JETINFER_JOBS", "jobs.minilm.lost").await == 0
+        {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered,
+        "the lost job answered once a stream takes its result, and acked"
+    );
+    worker.shutdown().await;
+}

@@ -15,6 +15,9 @@
 //! - **Both cores busy.** Products are split by `gemm` across rayon's pool;
 //!   attention runs (input, head) pairs in parallel.
 //!
+//! It runs BERT and XLM-RoBERTa / RoBERTa checkpoints ([`Family`]): the same
+//! encoder, RoBERTa's position ids starting after its padding index.
+//!
 //! It computes the same function as the straightforward forward: the crate's
 //! tests compare it with candle's `BertModel` on random mixed-length batches,
 //! and the worker's golden test compares it with sentence-transformers.
@@ -59,6 +62,60 @@ pub struct Config {
     pub hidden_act: String,
     #[serde(default = "default_position_embedding_type")]
     pub position_embedding_type: String,
+    /// `bert`, `roberta` or `xlm-roberta` ([`Config::family`]); absent in
+    /// old BERT checkpoints, which it then means.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// RoBERTa's `padding_idx`: its position ids start at `pad_token_id + 1`
+    /// (1 when absent, as in every RoBERTa and XLM-R checkpoint). Unused by
+    /// BERT.
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+}
+
+/// The encoder families the packed forward runs: one shape, two ways of
+/// numbering positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Positions 0, 1, 2, ... (`model_type` `bert`, or none).
+    Bert,
+    /// RoBERTa's positions `padding_idx + 1`, `padding_idx + 2`, ...: every
+    /// token of a packed input is real, so none takes the padding position
+    /// (`model_type` `roberta` or `xlm-roberta`).
+    Roberta,
+}
+
+/// RoBERTa's `padding_idx` where `config.json` names none.
+const ROBERTA_PADDING_IDX: usize = 1;
+
+impl Config {
+    /// The family `model_type` names, or why the packed forward runs none.
+    pub fn family(&self) -> Result<Family, LoadError> {
+        match self.model_type.as_deref() {
+            None | Some("bert") => Ok(Family::Bert),
+            Some("roberta" | "xlm-roberta") => Ok(Family::Roberta),
+            Some(other) => Err(LoadError::Unsupported(format!(
+                "model_type `{other}` (the packed forward runs `bert`, `roberta` and `xlm-roberta`)"
+            ))),
+        }
+    }
+
+    /// The position id of an input's first token: 0 for BERT,
+    /// `padding_idx + 1` for RoBERTa.
+    pub fn position_offset(&self) -> usize {
+        match self.family() {
+            Ok(Family::Roberta) => self.pad_token_id.unwrap_or(ROBERTA_PADDING_IDX) + 1,
+            _ => 0,
+        }
+    }
+
+    /// Longest input in tokens, special tokens included: the positions the
+    /// model has (`max_position_embeddings`, less RoBERTa's
+    /// `padding_idx + 1`: 512 for XLM-R's 514).
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
+    }
 }
 
 fn default_layer_norm_eps() -> f64 {
@@ -238,7 +295,7 @@ pub enum Pooling {
 pub enum LoadError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
-    #[error("weights have no tensor `{0}` (tried with and without a `bert.` prefix)")]
+    #[error("weights have no tensor `{0}` (tried bare and with a `bert.` or `roberta.` prefix)")]
     Missing(String),
     #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
     Shape {
@@ -352,8 +409,10 @@ pub struct Bert {
     matmul: Matmul,
     /// `[vocab, hidden]`.
     word_embeddings: Vec<f32>,
-    /// `[max_positions, hidden]`, with token type 0 already added: sentence
-    /// embedding inputs are single segments.
+    /// `[max_tokens, hidden]`: the position embedding of each index within
+    /// an input (RoBERTa's first rows, padding and below, dropped), with
+    /// token type 0 already added: sentence embedding inputs are single
+    /// segments.
     position_embeddings: Vec<f32>,
     /// `[type_vocab, hidden]`: each token type's embedding minus type 0's,
     /// added for tokens of a second segment (a cross-encoder's document).
@@ -381,8 +440,8 @@ fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// Looks tensors up by name in a safetensors file, with or without the
-/// `bert.` prefix that some checkpoints carry.
+/// Looks tensors up by name in a safetensors file, bare or with the `bert.`
+/// or `roberta.` prefix that some checkpoints carry.
 struct Weights {
     tensors: HashMap<String, Tensor>,
 }
@@ -393,6 +452,7 @@ impl Weights {
             .tensors
             .get(name)
             .or_else(|| self.tensors.get(&format!("bert.{name}")))
+            .or_else(|| self.tensors.get(&format!("roberta.{name}")))
             .ok_or_else(|| LoadError::Missing(name.to_string()))?;
         if tensor.dims() != shape {
             return Err(LoadError::Shape {
@@ -471,6 +531,19 @@ impl Bert {
                 "{matmul:?} products: {missing}"
             )));
         }
+        config.family()?;
+        if config.max_tokens() == 0 {
+            return Err(LoadError::Unsupported(format!(
+                "max_position_embeddings {} leaves no position for a token after padding_idx {}",
+                config.max_position_embeddings,
+                config.position_offset() - 1
+            )));
+        }
+        if config.type_vocab_size == 0 {
+            return Err(LoadError::Unsupported(
+                "type_vocab_size 0 (at least one token type)".into(),
+            ));
+        }
         if config.hidden_act != "gelu" {
             return Err(LoadError::Unsupported(format!(
                 "hidden_act `{}` (only exact `gelu`)",
@@ -509,6 +582,9 @@ impl Bert {
             "embeddings.token_type_embeddings.weight",
             &[config.type_vocab_size, hidden],
         )?;
+        // RoBERTa numbers an input's tokens from padding_idx + 1: keep the
+        // rows from there, so row i is the input's i-th token everywhere.
+        position_embeddings.drain(..config.position_offset() * hidden);
         let token_type = &token_types[..hidden];
         for row in position_embeddings.chunks_exact_mut(hidden) {
             for (p, t) in row.iter_mut().zip(token_type) {
@@ -614,7 +690,7 @@ impl Bert {
     }
 
     /// One pooled (not normalised) embedding per input, in order. Each input
-    /// is token ids with special tokens, at most `max_position_embeddings`.
+    /// is token ids with special tokens, at most [`Config::max_tokens`].
     pub fn embed(&self, batch: &[&[u32]], pooling: Pooling) -> Result<Vec<Vec<f32>>, ForwardError> {
         let hidden = self.config.hidden_size;
         self.forward(batch, None, None, |rows| heads::pool(rows, hidden, pooling))
@@ -735,7 +811,7 @@ impl Bert {
         let mut spans = Vec::with_capacity(batch.len());
         let mut start = 0;
         for (index, ids) in batch.iter().enumerate() {
-            let max = self.config.max_position_embeddings;
+            let max = self.config.max_tokens();
             if ids.is_empty() {
                 return Err(ForwardError::Empty { index });
             }

@@ -19,6 +19,8 @@ fn random_model(hidden: usize, intermediate: usize) -> (HashMap<String, Tensor>,
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
         position_embedding_type: "absolute".into(),
+        model_type: None,
+        pad_token_id: None,
     };
     let mut tensors = HashMap::new();
     let mut add = |name: &str, shape: &[usize], scale: f64| {

@@ -3,6 +3,8 @@
 //! `max_seq_length` from `sentence_bert_config.json`, and padding only to the
 //! longest input of each batch; or a cross-encoder for rerank jobs, when
 //! `config.json` names `BertForSequenceClassification` (packed forward).
+//! XLM-RoBERTa / RoBERTa models (`model_type`) run on the packed forward only,
+//! their length capped at the positions after `padding_idx`.
 //!
 //! Two forward passes compute the same embeddings: jetinfer's own packed CPU
 //! forward (`jetinfer-bert`, the default on CPU: no padding at all) and
@@ -186,6 +188,10 @@ impl CandleBackend {
         let device = device(config)?;
         let config_file = dir.join("config.json");
         let bert: BertConfig = read_json(&config_file)?;
+        // The packed forward's view of config.json: its family (BERT or
+        // XLM-RoBERTa / RoBERTa) decides the positions an input may take.
+        let packed: jetinfer_bert::Config = read_json(&config_file)?;
+        let family = packed.family().map_err(|e| load_err(&config_file, e))?;
         let task = read_json::<Architecture>(&config_file)?
             .task()
             .map_err(|why| load_err(&config_file, why))?;
@@ -208,9 +214,10 @@ impl CandleBackend {
             }
             declared => declared,
         };
+        // RoBERTa's positions start after padding_idx: XLM-R's 514 take 512.
         let max_seq_len = declared
-            .unwrap_or(bert.max_position_embeddings)
-            .min(bert.max_position_embeddings);
+            .unwrap_or(packed.max_tokens())
+            .min(packed.max_tokens());
 
         let pooling_file = dir.join("1_Pooling/config.json");
         let pooling = if pooling_file.exists() {
@@ -243,6 +250,14 @@ impl CandleBackend {
                 return Err(load_err(
                     dir,
                     "a cross-encoder runs on the packed forward only (CPU): leave model.forward `auto` or set `packed`",
+                ))
+            }
+            (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
+                if family != jetinfer_bert::Family::Bert =>
+            {
+                return Err(load_err(
+                    dir,
+                    "an XLM-RoBERTa / RoBERTa model runs on the packed forward only (CPU): leave model.forward `auto` or set `packed`",
                 ))
             }
             (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
@@ -282,7 +297,6 @@ impl CandleBackend {
                 ))
             }
             (ForwardKind::Packed | ForwardKind::Auto, false) => {
-                    let packed: jetinfer_bert::Config = read_json(&dir.join("config.json"))?;
                     let bert = match task {
                         Task::Rerank => jetinfer_bert::Bert::load_classifier(
                             &weights,
