@@ -11,8 +11,7 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use base64::Engine;
 use http_body_util::BodyExt;
 use jetinfer_schemas::{Job, JobOptions};
@@ -22,6 +21,7 @@ use crate::error::{shown, ApiError};
 use crate::openai::{
     Embedding, EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EncodingFormat, Input, Usage,
 };
+use crate::submit::{respond, submit, Charge, Failed};
 use crate::AppState;
 
 /// The model label of a request, set by the handler once the model is known
@@ -51,41 +51,20 @@ pub async fn create(
     caller: Caller,
     request: axum::extract::Request,
 ) -> Response {
-    match embed(
-        &state,
-        &caller,
-        request.headers().clone(),
-        request.into_body(),
-    )
-    .await
-    {
-        Ok((model, response)) => {
-            let mut response = Json(response).into_response();
-            response.extensions_mut().insert(ModelLabel(model));
-            response
-        }
-        Err((model, err)) => {
-            let mut response = err.into_response();
-            if let Some(model) = model {
-                response.extensions_mut().insert(ModelLabel(model));
-            }
-            response
-        }
-    }
+    let headers = request.headers().clone();
+    respond(embed(&state, &caller, &headers, request.into_body()).await)
 }
-
-type Failed = (Option<String>, ApiError);
 
 async fn embed(
     state: &AppState,
     caller: &Caller,
-    headers: HeaderMap,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<(String, EmbeddingsResponse), Failed> {
     let fail = |err: ApiError| -> Failed { (None, err) };
     caller.require_user("create embeddings").map_err(fail)?;
     let limits = &state.config.limits;
-    let request: EmbeddingsRequest = read_request(&headers, body, limits.max_body_bytes)
+    let request: EmbeddingsRequest = read_request(headers, body, limits.max_body_bytes)
         .await
         .map_err(fail)?;
     let inputs = inputs(request.input, limits).map_err(fail)?;
@@ -100,51 +79,18 @@ async fn embed(
     if jetinfer_nats::subjects::check_token("model", &request.model).is_err() {
         return Err(fail(ApiError::model_not_found(&request.model)));
     }
-    let cost = u32::try_from(inputs.len()).unwrap_or(u32::MAX);
-    if let Some(rate) = caller.rate {
-        state
-            .key_limits
-            .charge(&caller.key_id, rate, cost)
-            .map_err(fail)?;
-    }
-    if let Some(limiter) = &caller.tenant.limiter {
-        limiter.charge(cost, "this tenant").map_err(fail)?;
-    }
+    let cost = inputs.len();
     let job = Job::new(request.model.clone(), inputs).with_options(JobOptions {
         dimensions: request.dimensions,
         ..JobOptions::default()
     });
-    let size = jetinfer_schemas::encode_job(&job).len();
-    if size > limits.max_job_bytes {
-        return Err(fail(ApiError::too_large(
-            Some("input"),
-            format!(
-                "The request makes a {size}-byte job; the limit is {}: send fewer or shorter inputs",
-                limits.max_job_bytes
-            ),
-        )));
-    }
     let model = request.model;
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| jetinfer_nats::publish::valid_traceparent(t));
-    let result = caller
-        .tenant
-        .client
-        .submit_traced(job, traceparent)
-        .await
-        .map_err(|e| {
-            let served = !matches!(
-                e,
-                jetinfer_producer::SubmitError::UnknownModel(_)
-                    | jetinfer_producer::SubmitError::Subject(_)
-            );
-            (
-                served.then(|| model.clone()),
-                ApiError::from_submit(e, &model),
-            )
-        })?;
+    let charge = Charge {
+        cost,
+        param: "input",
+        noun: "inputs",
+    };
+    let result = submit(state, caller, headers, job, charge).await?;
     let embeddings = result
         .into_result()
         .map_err(|e| (Some(model.clone()), ApiError::from_job(e)))?;

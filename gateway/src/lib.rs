@@ -32,6 +32,7 @@ pub mod openai;
 pub mod rate_limit;
 pub mod rerank;
 pub mod serve;
+mod submit;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -9,13 +9,13 @@
 //! many documents or too long a text 413, as `limits` says.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 
 use crate::auth::Caller;
-use crate::embeddings::{read_request, ModelLabel};
+use crate::embeddings::read_request;
 use crate::error::ApiError;
 use crate::openai::{RerankRequest, RerankResponse, RerankResult, Usage};
+use crate::submit::{respond, submit, Charge, Failed};
 use crate::AppState;
 
 #[utoipa::path(
@@ -41,23 +41,8 @@ pub async fn create(
     request: axum::extract::Request,
 ) -> Response {
     let headers = request.headers().clone();
-    match rerank(&state, &caller, &headers, request.into_body()).await {
-        Ok((model, response)) => {
-            let mut response = Json(response).into_response();
-            response.extensions_mut().insert(ModelLabel(model));
-            response
-        }
-        Err((model, err)) => {
-            let mut response = err.into_response();
-            if let Some(model) = model {
-                response.extensions_mut().insert(ModelLabel(model));
-            }
-            response
-        }
-    }
+    respond(rerank(&state, &caller, &headers, request.into_body()).await)
 }
-
-type Failed = (Option<String>, ApiError);
 
 async fn rerank(
     state: &AppState,
@@ -129,16 +114,7 @@ async fn rerank(
     if jetinfer_nats::subjects::check_token("model", &request.model).is_err() {
         return Err(fail(ApiError::model_not_found(&request.model)));
     }
-    let cost = u32::try_from(documents.len()).unwrap_or(u32::MAX);
-    if let Some(rate) = caller.rate {
-        state
-            .key_limits
-            .charge(&caller.key_id, rate, cost)
-            .map_err(fail)?;
-    }
-    if let Some(limiter) = &caller.tenant.limiter {
-        limiter.charge(cost, "this tenant").map_err(fail)?;
-    }
+    let cost = documents.len();
     let model = request.model;
     let keep = request
         .return_documents
@@ -146,39 +122,13 @@ async fn rerank(
         .unwrap_or(false)
         .then(|| documents.clone());
     let job = jetinfer_schemas::Job::rerank(model.clone(), request.query, documents, request.top_n);
-    let size = jetinfer_schemas::encode_job(&job).len();
-    if size > limits.max_job_bytes {
-        return Err(fail(ApiError::too_large(
-            Some("documents"),
-            format!(
-                "The request makes a {size}-byte job; the limit is {}: send fewer or shorter documents",
-                limits.max_job_bytes
-            ),
-        )));
-    }
     let id = job.id.to_string();
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| jetinfer_nats::publish::valid_traceparent(t));
-    // `Client::rerank` is `submit` of this job; built here to bound its size
-    // and name its id first.
-    let result = caller
-        .tenant
-        .client
-        .submit_traced(job, traceparent)
-        .await
-        .map_err(|e| {
-            let served = !matches!(
-                e,
-                jetinfer_producer::SubmitError::UnknownModel(_)
-                    | jetinfer_producer::SubmitError::Subject(_)
-            );
-            (
-                served.then(|| model.clone()),
-                ApiError::from_submit(e, &model),
-            )
-        })?;
+    let charge = Charge {
+        cost,
+        param: "documents",
+        noun: "documents",
+    };
+    let result = submit(state, caller, headers, job, charge).await?;
     let reranked = result
         .into_reranked()
         .map_err(|e| (Some(model.clone()), ApiError::from_job(e)))?;
