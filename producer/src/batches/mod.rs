@@ -368,13 +368,7 @@ impl Batches {
         after: Option<&str>,
         limit: Option<usize>,
     ) -> Result<List<FileObject>, BatchError> {
-        let limit = limit.unwrap_or(MAX_FILE_LIST_LIMIT);
-        if !(1..=MAX_FILE_LIST_LIMIT).contains(&limit) {
-            return Err(BatchError::Invalid {
-                param: "limit",
-                message: format!("limit must be from 1 to {MAX_FILE_LIST_LIMIT}"),
-            });
-        }
+        let limit = page_limit(limit, MAX_FILE_LIST_LIMIT, MAX_FILE_LIST_LIMIT)?;
         let prefix = format!("{}/", self.inner.tenant);
         let mut infos = self.inner.files.list().await.map_err(BatchError::store)?;
         let mut files = Vec::new();
@@ -584,13 +578,7 @@ impl Batches {
         after: Option<&str>,
         limit: Option<usize>,
     ) -> Result<List<Batch>, BatchError> {
-        let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
-        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-            return Err(BatchError::Invalid {
-                param: "limit",
-                message: format!("limit must be from 1 to {MAX_LIST_LIMIT}"),
-            });
-        }
+        let limit = page_limit(limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
         let mut ids = self.ids().await?;
         // Batch ids end in a ULID: sorting them sorts by creation time.
         ids.sort_unstable_by(|a, b| b.cmp(a));
@@ -714,6 +702,20 @@ fn check_metadata(metadata: Option<&BTreeMap<String, String>>) -> Result<(), Bat
         }
     }
     Ok(())
+}
+
+/// A list request's page size: `default` when none is asked, else from 1 to
+/// `max` or `Invalid` on `limit`.
+fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, BatchError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(BatchError::Invalid {
+            param: "limit",
+            message: format!("limit must be from 1 to {max}"),
+        })
+    }
 }
 
 /// A file's content as it is read from the object store.
