@@ -84,47 +84,72 @@ fn a_cross_encoder_refuses_plain_bf16_products_naming_the_accurate_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerank_scores_match_transformers_reference_in_the_same_order() {
-    let want = rerank_reference();
     for matmul in products() {
         let server = NatsServer::start();
         let config = rerank_config(&server, matmul);
-        let backend = load_backend(&config.model).expect("cross-encoder loads");
-        assert_eq!(backend.max_seq_len(), want.max_length);
-        assert_eq!(backend.info().dimension, 1);
-        let worker = start_worker(config, backend).await;
-        let client = client(&server).await;
+        assert_reranks_like_the_reference(&server, config, &format!("packed {matmul:?}")).await;
+    }
+}
 
-        // Every case in flight at once, so pairs of several jobs share batches.
-        let jobs: Vec<Job> = want
-            .cases
-            .iter()
-            .map(|c| Job::rerank(MODEL, &c.query, c.documents.clone(), None))
-            .collect();
-        let results: Vec<_> = client.submit_many(jobs, want.cases.len()).collect().await;
-        let mut shared = 0;
-        for ((_, result), case) in results.into_iter().zip(&want.cases) {
-            let got = result
-                .expect("submitted")
-                .into_reranked()
-                .expect("reranked");
-            case.assert_matches(&got, &format!("{matmul:?}"));
-            shared += usize::from(got.timings.batch_size as usize > case.documents.len());
-        }
-        assert!(shared > 0, "no rerank job shared a batch with another job");
+/// The forward that runs on CUDA (candle's `BertModel` with the
+/// classification head on top), here on the CPU in f32: the same scores and
+/// order as the packed forward's, within the same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerank_on_the_candle_forward_matches_the_reference_in_the_same_order() {
+    let server = NatsServer::start();
+    let mut config = rerank_config(&server, Matmul::Auto);
+    config.model.forward = ForwardKind::Candle;
+    let backend = load_backend(&config.model).expect("cross-encoder loads on candle");
+    assert!(
+        backend.pads_batches(),
+        "the candle forward pads its batches"
+    );
+    assert_reranks_like_the_reference(&server, config, "candle f32").await;
+}
 
-        // top_n: the best n of the same order.
-        let case = &want.cases[0];
-        let top = client
-            .rerank(MODEL, &case.query, case.documents.clone(), Some(2))
-            .await
+/// Serves the cross-encoder with `config`, sends every reference case at
+/// once (so pairs of several jobs share batches) and a `top_n` job, and
+/// checks scores and order against transformers'.
+async fn assert_reranks_like_the_reference(server: &NatsServer, config: WorkerConfig, label: &str) {
+    let want = rerank_reference();
+    let backend = load_backend(&config.model).expect("cross-encoder loads");
+    assert_eq!(backend.max_seq_len(), want.max_length);
+    assert_eq!(backend.info().dimension, 1);
+    let worker = start_worker(config, backend).await;
+    let client = client(server).await;
+
+    let jobs: Vec<Job> = want
+        .cases
+        .iter()
+        .map(|c| Job::rerank(MODEL, &c.query, c.documents.clone(), None))
+        .collect();
+    let results: Vec<_> = client.submit_many(jobs, want.cases.len()).collect().await;
+    let mut shared = 0;
+    for ((_, result), case) in results.into_iter().zip(&want.cases) {
+        let got = result
             .expect("submitted")
             .into_reranked()
             .expect("reranked");
-        let order: Vec<u32> = top.results.iter().map(|s| s.index).collect();
-        assert_eq!(order, case.order()[..2]);
-        assert_eq!(top.token_counts.len(), case.documents.len());
-        worker.shutdown().await;
+        case.assert_matches(&got, label);
+        shared += usize::from(got.timings.batch_size as usize > case.documents.len());
     }
+    assert!(
+        shared > 0,
+        "{label}: no rerank job shared a batch with another job"
+    );
+
+    // top_n: the best n of the same order.
+    let case = &want.cases[0];
+    let top = client
+        .rerank(MODEL, &case.query, case.documents.clone(), Some(2))
+        .await
+        .expect("submitted")
+        .into_reranked()
+        .expect("reranked");
+    let order: Vec<u32> = top.results.iter().map(|s| s.index).collect();
+    assert_eq!(order, case.order()[..2], "{label}");
+    assert_eq!(top.token_counts.len(), case.documents.len(), "{label}");
+    worker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,4 +281,23 @@ async fn embedding_worker_answers_a_rerank_job_unsupported_task() {
         .expect("embeddings");
     assert_eq!(embedded.embeddings[0].len(), 32);
     worker.shutdown().await;
+}
+
+#[test]
+fn a_cross_encoder_on_candle_refuses_half_precision_naming_f32() {
+    use jetinfer_worker::config::Dtype;
+    let server = NatsServer::start();
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let mut config = rerank_config(&server, Matmul::Auto);
+        config.model.forward = ForwardKind::Candle;
+        config.model.dtype = dtype;
+        let err = load_backend(&config.model)
+            .err()
+            .unwrap_or_else(|| panic!("{dtype:?}: a cross-encoder loaded in half precision"))
+            .to_string();
+        assert!(
+            err.contains(dtype.name()) && err.contains("f32") && err.contains("rerank"),
+            "{dtype:?}: {err}"
+        );
+    }
 }
