@@ -15,8 +15,10 @@
 //! - **Both cores busy.** Products are split by `gemm` across rayon's pool;
 //!   attention runs (input, head) pairs in parallel.
 //!
-//! It runs BERT and XLM-RoBERTa / RoBERTa checkpoints ([`Family`]): the same
-//! encoder, RoBERTa's position ids starting after its padding index.
+//! It runs BERT, XLM-RoBERTa / RoBERTa and MPNet checkpoints ([`Family`]):
+//! the same encoder, RoBERTa's position ids starting after its padding index,
+//! and MPNet's relative position bias added to every attention score
+//! ([`position_bias`]).
 //!
 //! It computes the same function as the straightforward forward: the crate's
 //! tests compare it with candle's `BertModel` on random mixed-length batches,
@@ -29,6 +31,7 @@ mod avx512_bf16;
 mod heads;
 mod kernels;
 mod matmul;
+mod position_bias;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,6 +43,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use matmul::Linear;
+pub use position_bias::relative_position_bucket;
+use position_bias::RelativeBias;
 
 /// Rows per parallel task in the element-wise passes: big enough that the
 /// task overhead is noise, small enough to split a batch across cores.
@@ -62,31 +67,44 @@ pub struct Config {
     pub hidden_act: String,
     #[serde(default = "default_position_embedding_type")]
     pub position_embedding_type: String,
-    /// `bert`, `roberta` or `xlm-roberta` ([`Config::family`]); absent in
-    /// old BERT checkpoints, which it then means.
+    /// `bert`, `roberta`, `xlm-roberta` or `mpnet` ([`Config::family`]);
+    /// absent in old BERT checkpoints, which it then means.
     #[serde(default)]
     pub model_type: Option<String>,
     /// RoBERTa's `padding_idx`: its position ids start at `pad_token_id + 1`
     /// (1 when absent, as in every RoBERTa and XLM-R checkpoint). Unused by
-    /// BERT.
+    /// BERT, and by MPNet, whose padding index transformers fixes at 1.
     #[serde(default)]
     pub pad_token_id: Option<usize>,
+    /// MPNet's rows of `encoder.relative_attention_bias` (32 in every
+    /// checkpoint). Unused by the other families.
+    #[serde(default)]
+    pub relative_attention_num_buckets: Option<usize>,
 }
 
-/// The encoder families the packed forward runs: one shape, two ways of
-/// numbering positions.
+/// The encoder families the packed forward runs: one shape, three ways of
+/// telling the model where a token is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// Positions 0, 1, 2, ... (`model_type` `bert`, or none).
     Bert,
-    /// RoBERTa's positions `padding_idx + 1`, `padding_idx + 2`, ...: every
-    /// token of a packed input is real, so none takes the padding position
-    /// (`model_type` `roberta` or `xlm-roberta`).
+    /// RoBERTa's positions `padding_idx + 1`, `padding_idx + 2`, ... (a
+    /// token that is the padding id, spelled out in a text, takes
+    /// `padding_idx` and is skipped, as in transformers) (`model_type`
+    /// `roberta` or `xlm-roberta`).
     Roberta,
+    /// MPNet (`model_type` `mpnet`, all-mpnet-base-v2): RoBERTa's positions
+    /// after padding index 1, no token types, differently named attention
+    /// weights, and a relative position bias shared by all layers added to
+    /// each head's attention scores.
+    Mpnet,
 }
 
 /// RoBERTa's `padding_idx` where `config.json` names none.
 const ROBERTA_PADDING_IDX: usize = 1;
+/// MPNet's `padding_idx`: transformers' `MPNetEmbeddings` fixes it at 1,
+/// whatever `pad_token_id` says.
+const MPNET_PADDING_IDX: usize = 1;
 
 impl Config {
     /// The family `model_type` names, or why the packed forward runs none.
@@ -94,24 +112,33 @@ impl Config {
         match self.model_type.as_deref() {
             None | Some("bert") => Ok(Family::Bert),
             Some("roberta" | "xlm-roberta") => Ok(Family::Roberta),
+            Some("mpnet") => Ok(Family::Mpnet),
             Some(other) => Err(LoadError::Unsupported(format!(
-                "model_type `{other}` (the packed forward runs `bert`, `roberta` and `xlm-roberta`)"
+                "model_type `{other}` (the packed forward runs `bert`, `roberta`, `xlm-roberta` and `mpnet`)"
             ))),
         }
     }
 
-    /// The position id of an input's first token: 0 for BERT,
-    /// `padding_idx + 1` for RoBERTa.
-    pub fn position_offset(&self) -> usize {
+    /// RoBERTa's and MPNet's `padding_idx`: the token id whose tokens take
+    /// position `padding_idx` and are not counted in the others' positions
+    /// (transformers' `create_position_ids_from_input_ids`). None for BERT.
+    pub fn padding_idx(&self) -> Option<usize> {
         match self.family() {
-            Ok(Family::Roberta) => self.pad_token_id.unwrap_or(ROBERTA_PADDING_IDX) + 1,
-            _ => 0,
+            Ok(Family::Roberta) => Some(self.pad_token_id.unwrap_or(ROBERTA_PADDING_IDX)),
+            Ok(Family::Mpnet) => Some(MPNET_PADDING_IDX),
+            _ => None,
         }
     }
 
+    /// The position id of an input's first token: 0 for BERT,
+    /// `padding_idx + 1` for RoBERTa and MPNet.
+    pub fn position_offset(&self) -> usize {
+        self.padding_idx().map_or(0, |idx| idx + 1)
+    }
+
     /// Longest input in tokens, special tokens included: the positions the
-    /// model has (`max_position_embeddings`, less RoBERTa's
-    /// `padding_idx + 1`: 512 for XLM-R's 514).
+    /// model has (`max_position_embeddings`, less RoBERTa's and MPNet's
+    /// `padding_idx + 1`: 512 for XLM-R's and all-mpnet-base-v2's 514).
     pub fn max_tokens(&self) -> usize {
         self.max_position_embeddings
             .saturating_sub(self.position_offset())
@@ -146,7 +173,10 @@ pub enum Matmul {
     /// The fastest products that keep cosine >= 0.9999 to the f32 model:
     /// [`Matmul::AmxBf16`] where the CPU and kernel offer AMX, else
     /// [`Matmul::Avx512Bf16`] where the CPU has AVX512_BF16, else
-    /// [`Matmul::F32`]; each only where the model's widths fit it.
+    /// [`Matmul::F32`]; each only where the model's widths fit it. For a
+    /// classifier and for MPNet, [`Matmul::F32`]: plain bf16 products miss
+    /// their bounds (for MPNet, all-mpnet-base-v2 gave a 384-token text
+    /// cosine 0.9995 with them; docs/benchmarks.md).
     #[default]
     Auto,
     /// f32 products on the AVX-512 / AVX2 units.
@@ -295,7 +325,9 @@ pub enum Pooling {
 pub enum LoadError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
-    #[error("weights have no tensor `{0}` (tried bare and with a `bert.` or `roberta.` prefix)")]
+    #[error(
+        "weights have no tensor `{0}` (tried bare and with a `bert.`, `roberta.` or `mpnet.` prefix)"
+    )]
     Missing(String),
     #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
     Shape {
@@ -409,16 +441,20 @@ pub struct Bert {
     matmul: Matmul,
     /// `[vocab, hidden]`.
     word_embeddings: Vec<f32>,
-    /// `[max_tokens, hidden]`: the position embedding of each index within
-    /// an input (RoBERTa's first rows, padding and below, dropped), with
-    /// token type 0 already added: sentence embedding inputs are single
-    /// segments.
+    /// `[max_position_embeddings, hidden]`: the position embeddings, with
+    /// token type 0 already added (MPNet has no token types): sentence
+    /// embedding inputs are single segments.
     position_embeddings: Vec<f32>,
+    /// [`Config::padding_idx`], as a token id.
+    padding_idx: Option<u32>,
     /// `[type_vocab, hidden]`: each token type's embedding minus type 0's,
     /// added for tokens of a second segment (a cross-encoder's document).
+    /// Empty for MPNet, which has no token types.
     token_type_deltas: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// MPNet's bias on attention scores by relative position, per head.
+    position_bias: Option<RelativeBias>,
     /// The sequence classification head, when loaded as a classifier.
     classifier: Option<heads::Classifier>,
     /// Activations kept between calls: fresh multi-megabyte buffers per batch
@@ -440,8 +476,8 @@ fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// Looks tensors up by name in a safetensors file, bare or with the `bert.`
-/// or `roberta.` prefix that some checkpoints carry.
+/// Looks tensors up by name in a safetensors file, bare or with the `bert.`,
+/// `roberta.` or `mpnet.` prefix that some checkpoints carry.
 struct Weights {
     tensors: HashMap<String, Tensor>,
 }
@@ -453,6 +489,7 @@ impl Weights {
             .get(name)
             .or_else(|| self.tensors.get(&format!("bert.{name}")))
             .or_else(|| self.tensors.get(&format!("roberta.{name}")))
+            .or_else(|| self.tensors.get(&format!("mpnet.{name}")))
             .ok_or_else(|| LoadError::Missing(name.to_string()))?;
         if tensor.dims() != shape {
             return Err(LoadError::Shape {
@@ -512,7 +549,11 @@ impl Bert {
         // `auto` skips the products that cannot take the model's widths, and
         // for a classifier the ones that round to bf16: its scores are held
         // to 1e-4 of the reference, which plain bf16 products miss (1e-3 on
-        // the cross-encoder fixture, with two documents swapped).
+        // the cross-encoder fixture, with two documents swapped). It skips
+        // them for MPNet too: all-mpnet-base-v2 with avx512_bf16 gave one
+        // golden text (384 tokens) cosine 0.9995, past the 0.9999 bound
+        // `auto` keeps; asked for by name they run.
+        let family = config.family()?;
         if labels.is_some() && matmul.rounds_to_bf16() {
             return Err(LoadError::Unsupported(format!(
                 "{} products for a classifier: bf16 rounding moves rerank scores by \
@@ -520,8 +561,9 @@ impl Bert {
                 matmul.name()
             )));
         }
-        let matmul = matmul
-            .resolve_for(|m| widths_fit(m, &config) && !(labels.is_some() && m.rounds_to_bf16()));
+        let exact = labels.is_some() || family == Family::Mpnet;
+        let matmul =
+            matmul.resolve_for(|m| widths_fit(m, &config) && !(exact && m.rounds_to_bf16()));
         if !matmul.available() {
             let missing = match matmul {
                 Matmul::Avx512Bf16 => "this CPU offers no AVX512_BF16",
@@ -531,7 +573,13 @@ impl Bert {
                 "{matmul:?} products: {missing}"
             )));
         }
-        config.family()?;
+        if family == Family::Mpnet && labels.is_some() {
+            return Err(LoadError::Unsupported(
+                "an MPNet classifier: the packed forward reranks with \
+                 BertForSequenceClassification checkpoints only"
+                    .into(),
+            ));
+        }
         if config.max_tokens() == 0 {
             return Err(LoadError::Unsupported(format!(
                 "max_position_embeddings {} leaves no position for a token after padding_idx {}",
@@ -578,45 +626,63 @@ impl Bert {
             "embeddings.position_embeddings.weight",
             &[config.max_position_embeddings, hidden],
         )?;
-        let token_types = w.get(
-            "embeddings.token_type_embeddings.weight",
-            &[config.type_vocab_size, hidden],
-        )?;
-        // RoBERTa numbers an input's tokens from padding_idx + 1: keep the
-        // rows from there, so row i is the input's i-th token everywhere.
-        position_embeddings.drain(..config.position_offset() * hidden);
-        let token_type = &token_types[..hidden];
-        for row in position_embeddings.chunks_exact_mut(hidden) {
-            for (p, t) in row.iter_mut().zip(token_type) {
-                *p += t;
+        let padding_idx = config
+            .padding_idx()
+            .map(|idx| u32::try_from(idx).unwrap_or(u32::MAX));
+        let token_type_deltas = if family == Family::Mpnet {
+            Vec::new()
+        } else {
+            let token_types = w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, hidden],
+            )?;
+            let token_type = &token_types[..hidden];
+            for row in position_embeddings.chunks_exact_mut(hidden) {
+                for (p, t) in row.iter_mut().zip(token_type) {
+                    *p += t;
+                }
             }
-        }
-        let token_type_deltas = token_types
-            .chunks_exact(hidden)
-            .flat_map(|row| row.iter().zip(token_type).map(|(t, t0)| t - t0))
-            .collect();
+            token_types
+                .chunks_exact(hidden)
+                .flat_map(|row| row.iter().zip(token_type).map(|(t, t0)| t - t0))
+                .collect()
+        };
         let embedding_norm = w.layer_norm("embeddings.LayerNorm", hidden, eps)?;
+        let position_bias = match family {
+            Family::Mpnet => Some(RelativeBias::load(&w, &config)?),
+            Family::Bert | Family::Roberta => None,
+        };
+        // The same layer under two sets of names: BERT's (RoBERTa's too)
+        // and MPNet's.
+        let (query, key, value, attention_output, attention_norm) = match family {
+            Family::Mpnet => (
+                "attention.attn.q",
+                "attention.attn.k",
+                "attention.attn.v",
+                "attention.attn.o",
+                "attention.LayerNorm",
+            ),
+            Family::Bert | Family::Roberta => (
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "attention.output.LayerNorm",
+            ),
+        };
 
         let mut layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
                 let qkv = Linear::concat(&[
-                    w.linear(&format!("{p}.attention.self.query"), hidden, hidden)?,
-                    w.linear(&format!("{p}.attention.self.key"), hidden, hidden)?,
-                    w.linear(&format!("{p}.attention.self.value"), hidden, hidden)?,
+                    w.linear(&format!("{p}.{query}"), hidden, hidden)?,
+                    w.linear(&format!("{p}.{key}"), hidden, hidden)?,
+                    w.linear(&format!("{p}.{value}"), hidden, hidden)?,
                 ]);
                 Ok(Layer {
                     qkv,
-                    attention_out: w.linear(
-                        &format!("{p}.attention.output.dense"),
-                        hidden,
-                        hidden,
-                    )?,
-                    attention_norm: w.layer_norm(
-                        &format!("{p}.attention.output.LayerNorm"),
-                        hidden,
-                        eps,
-                    )?,
+                    attention_out: w.linear(&format!("{p}.{attention_output}"), hidden, hidden)?,
+                    attention_norm: w.layer_norm(&format!("{p}.{attention_norm}"), hidden, eps)?,
                     intermediate: w.linear(
                         &format!("{p}.intermediate.dense"),
                         config.intermediate_size,
@@ -653,9 +719,11 @@ impl Bert {
             matmul,
             word_embeddings,
             position_embeddings,
+            padding_idx,
             token_type_deltas,
             embedding_norm,
             layers,
+            position_bias,
             classifier,
             scratch: Mutex::default(),
         })
@@ -846,10 +914,22 @@ impl Bert {
         let mut rows = x.chunks_exact_mut(hidden);
         for (index, ids) in batch.iter().enumerate() {
             let types = type_ids.map(|t| t[index]);
+            // RoBERTa and MPNet number an input's tokens from padding_idx + 1,
+            // skipping any token that is the padding id (a text can spell the
+            // pad token out): that one takes position padding_idx.
+            let mut next = self.padding_idx.map_or(0, |pad| pad as usize + 1);
             for (position, &id) in ids.iter().enumerate() {
                 let row = rows.next().expect("x has one row per token");
                 let word = &self.word_embeddings[id as usize * hidden..][..hidden];
-                let pos = &self.position_embeddings[position * hidden..][..hidden];
+                let position_id = match self.padding_idx {
+                    None => position,
+                    Some(pad) if id == pad => pad as usize,
+                    Some(_) => {
+                        next += 1;
+                        next - 1
+                    }
+                };
+                let pos = &self.position_embeddings[position_id * hidden..][..hidden];
                 for ((r, w), p) in row.iter_mut().zip(word).zip(pos) {
                     *r = w + p;
                 }
@@ -864,7 +944,8 @@ impl Bert {
     }
 
     /// Scaled dot-product attention of every input with itself, head by
-    /// head, written into `context` (`[tokens, hidden]`).
+    /// head (MPNet adding its relative position bias to the scores before
+    /// the softmax), written into `context` (`[tokens, hidden]`).
     fn attention(&self, qkv: &[f32], context: &mut [f32], spans: &[(usize, usize)]) {
         let heads = self.config.num_attention_heads;
         let hidden = self.config.hidden_size;
@@ -909,6 +990,9 @@ impl Bert {
                         false,
                         gemm::Parallelism::None,
                     );
+                    if let Some(bias) = &self.position_bias {
+                        bias.add(scores, len, head);
+                    }
                     kernels::softmax_rows(scores, len);
                     // context rows of this head = softmax(scores) V.
                     gemm::gemm(

@@ -21,6 +21,7 @@ fn random_model(hidden: usize, intermediate: usize) -> (HashMap<String, Tensor>,
         position_embedding_type: "absolute".into(),
         model_type: None,
         pad_token_id: None,
+        relative_attention_num_buckets: None,
     };
     let mut tensors = HashMap::new();
     let mut add = |name: &str, shape: &[usize], scale: f64| {

@@ -3,8 +3,8 @@
 //! `max_seq_length` from `sentence_bert_config.json`, and padding only to the
 //! longest input of each batch; or a cross-encoder for rerank jobs, when
 //! `config.json` names `BertForSequenceClassification` (either forward).
-//! XLM-RoBERTa / RoBERTa models (`model_type`) run on the packed forward only,
-//! their length capped at the positions after `padding_idx`.
+//! XLM-RoBERTa / RoBERTa and MPNet models (`model_type`) run on the packed
+//! forward only, their length capped at the positions after `padding_idx`.
 //!
 //! Two forward passes compute the same embeddings: jetinfer's own packed CPU
 //! forward (`jetinfer-bert`, the default on CPU: no padding at all) and
@@ -223,11 +223,14 @@ impl CandleBackend {
         let dir = &config.path;
         let device = device(config)?;
         let config_file = dir.join("config.json");
-        let bert: BertConfig = read_json(&config_file)?;
-        // The packed forward's view of config.json: its family (BERT or
-        // XLM-RoBERTa / RoBERTa) decides the positions an input may take.
+        // The packed forward's view of config.json: its family (BERT,
+        // XLM-RoBERTa / RoBERTa or MPNet) decides the positions an input may
+        // take. candle's view is read only for the candle forward: MPNet's
+        // config.json has fields candle's BERT requires missing.
         let packed: jetinfer_bert::Config = read_json(&config_file)?;
         let family = packed.family().map_err(|e| load_err(&config_file, e))?;
+        let hidden_size = packed.hidden_size;
+        let pad_id = packed.pad_token_id.unwrap_or(0) as u32;
         let task = read_json::<Architecture>(&config_file)?
             .task()
             .map_err(|why| load_err(&config_file, why))?;
@@ -300,10 +303,16 @@ impl CandleBackend {
             (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
                 if family != jetinfer_bert::Family::Bert =>
             {
+                let kind = match family {
+                    jetinfer_bert::Family::Mpnet => "an MPNet model",
+                    _ => "an XLM-RoBERTa / RoBERTa model",
+                };
                 return Err(load_err(
                     dir,
-                    "an XLM-RoBERTa / RoBERTa model runs on the packed forward only (CPU): leave model.forward `auto` or set `packed`",
-                ))
+                    format!(
+                        "{kind} runs on the packed forward only (CPU): leave model.forward `auto` or set `packed`"
+                    ),
+                ));
             }
             (ForwardKind::Candle, _) | (ForwardKind::Auto, true)
                 if config.matmul != jetinfer_bert::Matmul::Auto =>
@@ -314,6 +323,7 @@ impl CandleBackend {
                 ))
             }
             (ForwardKind::Candle, _) | (ForwardKind::Auto, true) => {
+                let bert: BertConfig = read_json(&config_file)?;
                 // SAFETY: the weights file is memory-mapped read-only and must
                 // not be modified while the worker runs, as with any mmapped model.
                 let vb = unsafe {
@@ -368,7 +378,7 @@ impl CandleBackend {
             revision,
             dimension: match task {
                 Task::Rerank => RERANK_LABELS as u32,
-                _ => bert.hidden_size as u32,
+                _ => hidden_size as u32,
             },
         };
         Ok(Self {
@@ -379,7 +389,7 @@ impl CandleBackend {
             pooling,
             task,
             max_seq_len,
-            pad_id: bert.pad_token_id as u32,
+            pad_id,
             info,
         })
     }

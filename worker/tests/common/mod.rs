@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod gateway;
 pub mod golden;
 pub mod observe;
@@ -71,12 +72,7 @@ pub async fn start_worker(config: WorkerConfig, backend: Arc<dyn Backend>) -> Wo
     Worker::start(config, backend).await.expect("worker starts")
 }
 
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (na * nb)
-}
+pub use fixtures::cosine;
 
 /// Publishes raw bytes on a job subject, as a misbehaving producer would,
 /// with `reply_to` (if any) as the reply-subject header.
