@@ -155,7 +155,7 @@ impl Architecture {
 enum Encoder {
     Packed(Box<jetinfer_bert::Bert>),
     Candle(Box<BertModel>),
-    CandleCrossEncoder(Box<CrossEncoder>),
+    CandleClassifier(Box<CrossEncoder>),
 }
 
 /// `BertForSequenceClassification` on candle's `BertModel` (the forward that
@@ -335,7 +335,7 @@ impl CandleBackend {
                 }
                 .map_err(|e| load_err(&weights, e))?;
                 match task {
-                    Task::Rerank => Encoder::CandleCrossEncoder(Box::new(
+                    Task::Rerank => Encoder::CandleClassifier(Box::new(
                         CrossEncoder::load(vb, &bert, RERANK_LABELS)
                             .map_err(|e| load_err(&weights, e))?,
                     )),
@@ -401,7 +401,7 @@ impl CandleBackend {
             Encoder::Candle(model) => self
                 .forward_padded(model, batch)
                 .map_err(|e| forward_err(&e)),
-            Encoder::CandleCrossEncoder(_) => Err(BackendError::Unusable(
+            Encoder::CandleClassifier(_) => Err(BackendError::Unusable(
                 "a cross-encoder answers rerank jobs, not embeddings".into(),
             )),
         }
@@ -551,7 +551,7 @@ impl Backend for CandleBackend {
     fn compute(&self) -> String {
         match &self.encoder {
             Encoder::Packed(bert) => format!("cpu packed {}", bert.matmul().name()),
-            Encoder::Candle(_) | Encoder::CandleCrossEncoder(_) => format!(
+            Encoder::Candle(_) | Encoder::CandleClassifier(_) => format!(
                 "{} candle {}",
                 if self.device.is_cuda() { "cuda" } else { "cpu" },
                 self.dtype.name()
@@ -566,7 +566,7 @@ impl Backend for CandleBackend {
     fn pads_batches(&self) -> bool {
         matches!(
             self.encoder,
-            Encoder::Candle(_) | Encoder::CandleCrossEncoder(_)
+            Encoder::Candle(_) | Encoder::CandleClassifier(_)
         )
     }
 
@@ -634,7 +634,7 @@ impl Backend for CandleBackend {
                 let types: Vec<&[u32]> = batch.iter().map(|t| t.type_ids.as_slice()).collect();
                 bert.classify(&ids, &types).map_err(|e| forward_err(&e))
             }
-            Encoder::CandleCrossEncoder(model) => self
+            Encoder::CandleClassifier(model) => self
                 .classify_padded(model, batch)
                 .map_err(|e| forward_err(&e)),
             Encoder::Candle(_) => Err(BackendError::Unusable(
