@@ -35,6 +35,16 @@ use crate::settle::{Delivery, Settler};
 /// restarts).
 const REPULL_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Most bytes of text a chunk may hold for intake to tokenise it on the
+/// runtime instead of on a blocking thread. The hop to a blocking thread and
+/// back is two thread wake-ups, and on a busy machine each can wait
+/// milliseconds for a core; tokenising a text of about 100 bytes (the
+/// corpus's median single text) took about 50 us, 500 bytes about 250 us
+/// (MiniLM's tokenizer, loaded 2-core machine), so this bound keeps a
+/// chunk's time on the runtime near 100 us (docs/benchmarks.md,
+/// "Light load, issue 20 (c)").
+const INLINE_TOKENIZE_BYTES: usize = 256;
+
 pub struct Intake {
     pub consumer: PullConsumer,
     pub backend: Arc<dyn Backend>,
@@ -238,7 +248,8 @@ impl Intake {
     }
 
     /// Tokenises the inputs of every job in `ready` in one blocking call,
-    /// each job's result on its own.
+    /// each job's result on its own; a chunk of at most
+    /// [`INLINE_TOKENIZE_BYTES`] of text is tokenised here, on the runtime.
     async fn tokenize_all(
         &self,
         ready: &[(Ready, tracing::Span)],
@@ -255,21 +266,31 @@ impl Intake {
             })
             .collect();
         let count = inputs.len();
-        let tokenized = tokio::task::spawn_blocking(move || {
+        let tokenize = move || {
             inputs
                 .into_iter()
                 .map(|job| job.tokenize(backend.as_ref()))
                 .collect::<Vec<_>>()
-        })
-        .await;
+        };
+        let bytes: usize = ready.iter().map(|(r, _)| r.text_bytes()).sum();
+        // A panic in the tokenizer is the chunk's error either way, as
+        // `spawn_blocking` reports it.
+        let tokenized = if bytes <= INLINE_TOKENIZE_BYTES {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(tokenize))
+                .map_err(|payload| crate::supervise::panic_message(payload.as_ref()))
+        } else {
+            tokio::task::spawn_blocking(tokenize)
+                .await
+                .map_err(|err| err.to_string())
+        };
         match tokenized {
             Ok(all) => ready
                 .iter()
                 .zip(all)
                 .map(|((r, _), tokens)| self.checked_tokens(&r.job, tokens))
                 .collect(),
-            Err(err) => {
-                let error = JobError::new(ErrorCode::Internal, err.to_string());
+            Err(message) => {
+                let error = JobError::new(ErrorCode::Internal, message);
                 vec![Err(error); count]
             }
         }
@@ -387,7 +408,17 @@ struct Ready {
     cancel_flag: Option<Arc<AtomicBool>>,
 }
 
-/// What a blocking thread tokenises for one job: each text of an embedding
+impl Ready {
+    /// Bytes of text tokenising the job reads: each input, and for a rerank
+    /// job the query once per document (each pair is tokenised whole).
+    fn text_bytes(&self) -> usize {
+        let inputs: usize = self.job.inputs.iter().map(String::len).sum();
+        let query = self.job.rerank.as_ref().map_or(0, |q| q.query.len());
+        inputs + query * self.job.inputs.len()
+    }
+}
+
+/// What intake tokenises for one job: each text of an embedding
 /// job, each (query, document) pair of a rerank job.
 struct TokenizeInputs {
     inputs: Vec<String>,
