@@ -102,7 +102,7 @@ impl WorkerBuilder {
                 Some(backend) => backend,
                 None => load(&served).await?,
             };
-            jetinfer_monitoring::register_model(&served.model.name);
+            jetinfer_monitoring::register_model(&served.model.name, backend.task().as_str());
             models.push(Model { served, backend });
         }
         if let Some(extra) = backends.keys().next() {
@@ -299,6 +299,7 @@ impl Shared<'_> {
         let settler = Settler::new(
             self.client.clone(),
             name.clone(),
+            backend.task(),
             Arc::clone(&ledger),
             config.retry,
         )
