@@ -288,6 +288,8 @@ impl Shared<'_> {
     ) -> Pipeline {
         let config = self.config;
         let name = served.model.name.clone();
+        // Its stages' failures name the model.
+        let supervisor = self.supervisor.for_model(&name);
         tracing::info!(
             model = %name,
             id = %backend.info().id,
@@ -349,7 +351,6 @@ impl Shared<'_> {
         } else {
             batch::Cost::Packed
         };
-        let supervisor = self.supervisor;
         let intake = supervisor.spawn(Stage::Intake, intake.run(jobs_tx, self.shutdown.clone()));
         let stages = vec![
             supervisor.spawn(
@@ -361,7 +362,7 @@ impl Shared<'_> {
                 publish::run(backend.info().clone(), settler.clone(), done_rx),
             ),
         ];
-        let infer = infer::spawn(backend, batches, done_tx, supervisor.clone());
+        let infer = infer::spawn(backend, batches, done_tx, supervisor);
         Pipeline {
             intake: Some(intake),
             stages,
