@@ -3,6 +3,12 @@
 //! recorded through the small functions below, so the worker's stages make
 //! one-line calls and a name appears once in Rust code.
 //!
+//! Labels: a served model's metrics carry `model`; the ones a reader splits
+//! by kind of work (jobs received and finished, inputs, tokens, latencies,
+//! batches, the loaded model) carry `task` too, what the model does
+//! (`embed` or `rerank`, the wire's names). A model serves one task, so
+//! `task` adds no series, and its values are those two only.
+//!
 //! The Prometheus rules, Alertmanager config and Grafana dashboards that use
 //! these names live beside this crate in `monitoring/`; the tests in
 //! `monitoring/tests/` check them against a real Prometheus scraping a real
@@ -171,7 +177,10 @@ fn describe() {
         "Attempts to store a given-up job as a dead letter that failed, by reason; the job stays in the jobs stream and is tried again"
     );
     describe_counter!(JOBS_EXPIRED, "Jobs answered deadline_exceeded");
-    describe_counter!(INPUTS, "Inputs (texts) run through the model");
+    describe_counter!(
+        INPUTS,
+        "Inputs run through the model: texts (task embed) or (query, document) pairs (task rerank)"
+    );
     describe_counter!(TOKENS, "Real (unpadded) tokens run through the model");
     describe_histogram!(
         QUEUE_WAIT,
@@ -269,20 +278,23 @@ fn describe() {
 }
 
 /// Creates `model`'s counters at zero, so rates and alerts see a series from
-/// the start instead of one that appears on the first event.
-pub fn register_model(model: &str) {
+/// the start instead of one that appears on the first event. `task`: what
+/// the model does, the wire's name for it (`embed`, `rerank`).
+pub fn register_model(model: &str, task: &'static str) {
     let model = model.to_string();
+    for name in [names::JOBS_REDELIVERED, names::MODEL_LOAD_FAILURES] {
+        counter!(name, "model" => model.clone()).increment(0);
+    }
     for name in [
         names::JOBS_RECEIVED,
-        names::JOBS_REDELIVERED,
         names::JOBS_EXPIRED,
         names::INPUTS,
         names::TOKENS,
-        names::MODEL_LOAD_FAILURES,
     ] {
-        counter!(name, "model" => model.clone()).increment(0);
+        counter!(name, "model" => model.clone(), "task" => task).increment(0);
     }
-    counter!(names::JOBS_FINISHED, "model" => model.clone(), "outcome" => OUTCOME_OK).increment(0);
+    counter!(names::JOBS_FINISHED, "model" => model.clone(), "task" => task, "outcome" => OUTCOME_OK)
+        .increment(0);
     counter!(names::JOBS_DEAD_LETTERED, "model" => model.clone(), "reason" => REASON_NO_REPLY_SUBJECT)
         .increment(0);
     counter!(names::JOBS_NOT_BURIED, "model" => model.clone(), "reason" => REASON_MAX_DELIVERIES)
@@ -292,11 +304,19 @@ pub fn register_model(model: &str) {
 
 /// A model finished loading in `took`; `compute` says how it runs (device,
 /// forward pass, products).
-pub fn model_loaded(model: &str, id: &str, revision: &str, compute: &str, took: Duration) {
-    register_model(model);
+pub fn model_loaded(
+    model: &str,
+    task: &'static str,
+    id: &str,
+    revision: &str,
+    compute: &str,
+    took: Duration,
+) {
+    register_model(model, task);
     gauge!(
         names::MODEL_LOADED,
         "model" => model.to_string(),
+        "task" => task,
         "model_id" => id.to_string(),
         "revision" => revision.to_string(),
         "compute" => compute.to_string()
@@ -310,8 +330,8 @@ pub fn model_load_failed(model: &str) {
 }
 
 /// A job message arrived; `delivery` is JetStream's delivery count (1 = first).
-pub fn job_received(model: &str, delivery: i64) {
-    counter!(names::JOBS_RECEIVED, "model" => model.to_string()).increment(1);
+pub fn job_received(model: &str, task: &'static str, delivery: i64) {
+    counter!(names::JOBS_RECEIVED, "model" => model.to_string(), "task" => task).increment(1);
     if delivery > 1 {
         counter!(names::JOBS_REDELIVERED, "model" => model.to_string()).increment(1);
     }
@@ -329,14 +349,15 @@ pub fn job_released(model: &str) {
 
 /// A job was answered with `outcome` ([`OUTCOME_OK`] or an error code);
 /// `end_to_end` is from JetStream storing it to now, when known.
-pub fn job_finished(model: &str, outcome: &str, end_to_end: Option<Duration>) {
-    counter!(names::JOBS_FINISHED, "model" => model.to_string(), "outcome" => outcome.to_string())
+pub fn job_finished(model: &str, task: &'static str, outcome: &str, end_to_end: Option<Duration>) {
+    let model = model.to_string();
+    counter!(names::JOBS_FINISHED, "model" => model.clone(), "task" => task, "outcome" => outcome.to_string())
         .increment(1);
     if outcome == OUTCOME_DEADLINE_EXCEEDED {
-        counter!(names::JOBS_EXPIRED, "model" => model.to_string()).increment(1);
+        counter!(names::JOBS_EXPIRED, "model" => model.clone(), "task" => task).increment(1);
     }
     if let Some(took) = end_to_end {
-        histogram!(names::END_TO_END, "model" => model.to_string()).record(took.as_secs_f64());
+        histogram!(names::END_TO_END, "model" => model, "task" => task).record(took.as_secs_f64());
     }
 }
 
@@ -365,29 +386,33 @@ pub fn job_not_buried(model: &str, reason: &str) {
 }
 
 /// How long a job waited between JetStream storing it and its first batch.
-pub fn job_queue_wait(model: &str, waited: Duration) {
-    histogram!(names::QUEUE_WAIT, "model" => model.to_string()).record(waited.as_secs_f64());
+pub fn job_queue_wait(model: &str, task: &'static str, waited: Duration) {
+    histogram!(names::QUEUE_WAIT, "model" => model.to_string(), "task" => task)
+        .record(waited.as_secs_f64());
 }
 
 /// One forward pass: `inputs` texts holding `tokens` real tokens, padded to
 /// `padded_tokens`, computed in `took`.
 pub fn record_batch(
     model: &str,
+    task: &'static str,
     inputs: usize,
     tokens: usize,
     padded_tokens: usize,
     took: Duration,
 ) {
     let model = model.to_string();
-    counter!(names::INPUTS, "model" => model.clone()).increment(inputs as u64);
-    counter!(names::TOKENS, "model" => model.clone()).increment(tokens as u64);
-    histogram!(names::BATCH_SIZE, "model" => model.clone()).record(inputs as f64);
-    histogram!(names::BATCH_PADDED_TOKENS, "model" => model.clone()).record(padded_tokens as f64);
+    counter!(names::INPUTS, "model" => model.clone(), "task" => task).increment(inputs as u64);
+    counter!(names::TOKENS, "model" => model.clone(), "task" => task).increment(tokens as u64);
+    histogram!(names::BATCH_SIZE, "model" => model.clone(), "task" => task).record(inputs as f64);
+    histogram!(names::BATCH_PADDED_TOKENS, "model" => model.clone(), "task" => task)
+        .record(padded_tokens as f64);
     if padded_tokens > 0 {
         let waste = 1.0 - tokens as f64 / padded_tokens as f64;
-        histogram!(names::BATCH_PADDING_WASTE, "model" => model.clone()).record(waste.max(0.0));
+        histogram!(names::BATCH_PADDING_WASTE, "model" => model.clone(), "task" => task)
+            .record(waste.max(0.0));
     }
-    histogram!(names::INFERENCE, "model" => model).record(took.as_secs_f64());
+    histogram!(names::INFERENCE, "model" => model, "task" => task).record(took.as_secs_f64());
 }
 
 /// The consumer's queue as JetStream reports it, and the drain estimate.

@@ -102,7 +102,7 @@ impl WorkerBuilder {
                 Some(backend) => backend,
                 None => load(&served).await?,
             };
-            jetinfer_monitoring::register_model(&served.model.name);
+            jetinfer_monitoring::register_model(&served.model.name, backend.task().as_str());
             models.push(Model { served, backend });
         }
         if let Some(extra) = backends.keys().next() {
@@ -288,6 +288,8 @@ impl Shared<'_> {
     ) -> Pipeline {
         let config = self.config;
         let name = served.model.name.clone();
+        // Its stages' failures name the model.
+        let supervisor = self.supervisor.for_model(&name);
         tracing::info!(
             model = %name,
             id = %backend.info().id,
@@ -299,6 +301,7 @@ impl Shared<'_> {
         let settler = Settler::new(
             self.client.clone(),
             name.clone(),
+            backend.task(),
             Arc::clone(&ledger),
             config.retry,
         )
@@ -348,7 +351,6 @@ impl Shared<'_> {
         } else {
             batch::Cost::Packed
         };
-        let supervisor = self.supervisor;
         let intake = supervisor.spawn(Stage::Intake, intake.run(jobs_tx, self.shutdown.clone()));
         let stages = vec![
             supervisor.spawn(
@@ -360,7 +362,7 @@ impl Shared<'_> {
                 publish::run(backend.info().clone(), settler.clone(), done_rx),
             ),
         ];
-        let infer = infer::spawn(backend, batches, done_tx, supervisor.clone());
+        let infer = infer::spawn(backend, batches, done_tx, supervisor);
         Pipeline {
             intake: Some(intake),
             stages,

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::backend::{Backend, BackendError, Tokens};
 use crate::batch::{Batch, Batches, Waiting};
 use crate::job::{BatchRun, InFlightJob};
-use crate::supervise::{panic_message, Failure, Stage, Supervisor};
+use crate::supervise::{panic_message, Stage, Supervisor};
 
 /// A batch with its embeddings (or the backend's error).
 pub struct Done {
@@ -82,10 +82,7 @@ fn run(
         let embeddings = match embed(backend, &inputs) {
             Ok(embeddings) => embeddings,
             Err(unusable) => {
-                supervisor.report(Failure::StageGone {
-                    stage: Stage::Infer,
-                    why: unusable.to_string(),
-                });
+                supervisor.stage_gone(Stage::Infer, unusable.to_string());
                 return;
             }
         };
@@ -104,10 +101,7 @@ fn run(
             expired,
         };
         if done.blocking_send(done_batch).is_err() {
-            supervisor.report(Failure::StageGone {
-                stage: Stage::Infer,
-                why: "the publish stage stopped taking batches".into(),
-            });
+            supervisor.stage_gone(Stage::Infer, "the publish stage stopped taking batches");
             return;
         }
     }

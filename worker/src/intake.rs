@@ -156,7 +156,7 @@ impl Intake {
         held_in_chunk: impl Fn(&str) -> usize,
     ) -> Option<Ready> {
         let delivered = delivery.delivered();
-        jetinfer_monitoring::job_received(&self.model, delivered);
+        jetinfer_monitoring::job_received(&self.model, self.backend.task().as_str(), delivered);
         if self.settler.past_last_delivery(delivered) {
             crate::exhausted::bury_arrived(&self.settler, &delivery, &self.reply).await;
             return None;

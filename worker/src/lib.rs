@@ -112,6 +112,7 @@ pub fn load_backend(config: &ModelConfig) -> Result<Arc<dyn Backend>, BackendErr
     match &loaded {
         Ok(b) => jetinfer_monitoring::model_loaded(
             &config.name,
+            b.task().as_str(),
             &b.info().id,
             &b.info().revision,
             &b.compute(),

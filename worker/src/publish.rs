@@ -55,6 +55,7 @@ async fn settle_batch(model: &ModelInfo, settler: &Settler, finished: Done) {
         let tokens = batch.items.iter().map(|w| w.len).sum();
         jetinfer_monitoring::record_batch(
             settler.model(),
+            settler.task().as_str(),
             run.size,
             tokens,
             batch.padded_tokens,

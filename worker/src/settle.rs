@@ -38,7 +38,7 @@ use futures::future::join_all;
 use jetinfer_nats::dead_letter::{self, DeadLetter};
 use jetinfer_nats::results;
 use jetinfer_nats::subjects::ForbiddenReply;
-use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, Outcome, Untrusted};
+use jetinfer_schemas::{encode_result, ErrorCode, JobError, JobResult, Outcome, Task, Untrusted};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -109,6 +109,8 @@ pub struct Settler {
     client: async_nats::Client,
     /// The model name jobs are addressed to: the `model` label of metrics.
     model: Arc<str>,
+    /// What the model does: the `task` label of metrics.
+    task: Task,
     js: jetstream::Context,
     ledger: Arc<Ledger>,
     retry: RetryConfig,
@@ -188,6 +190,7 @@ impl Settler {
     pub fn new(
         client: async_nats::Client,
         model: String,
+        task: Task,
         ledger: Arc<Ledger>,
         retry: RetryConfig,
     ) -> Self {
@@ -195,6 +198,7 @@ impl Settler {
         Self {
             client,
             model: model.into(),
+            task,
             js,
             ledger,
             retry,
@@ -259,7 +263,7 @@ impl Settler {
         for ((job, result), stored) in answered.into_iter().zip(stored) {
             match stored {
                 Ok(()) => {
-                    record_finished(&self.model, &job, &result);
+                    record_finished(&self.model, self.task, &job, &result);
                     kept.push(job);
                 }
                 Err(err) => {
@@ -326,6 +330,11 @@ impl Settler {
     /// The model name jobs are addressed to (the `model` label of metrics).
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// What the model does (the `task` label of its metrics).
+    pub fn task(&self) -> Task {
+        self.task
     }
 
     /// NAKs a delivery that was never admitted for immediate redelivery to
@@ -462,6 +471,7 @@ impl Settler {
         if reply_to.is_some() {
             jetinfer_monitoring::job_finished(
                 &self.model,
+                self.task.as_str(),
                 error.code.as_str(),
                 since_stored(&held),
             );
@@ -518,11 +528,13 @@ impl Settler {
     }
 }
 
-fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
+fn record_finished(model: &str, task: Task, job: &InFlightJob, result: &JobResult) {
+    let task = task.as_str();
     let outcome = match &result.outcome {
         Outcome::Ok(e) => {
             jetinfer_monitoring::job_queue_wait(
                 model,
+                task,
                 Duration::from_micros(e.timings.queue_wait_us),
             );
             jetinfer_monitoring::OUTCOME_OK
@@ -530,6 +542,7 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
         Outcome::Reranked(r) => {
             jetinfer_monitoring::job_queue_wait(
                 model,
+                task,
                 Duration::from_micros(r.timings.queue_wait_us),
             );
             jetinfer_monitoring::OUTCOME_OK
@@ -537,7 +550,7 @@ fn record_finished(model: &str, job: &InFlightJob, result: &JobResult) {
         Outcome::Error(err) => err.code.as_str(),
     };
     let stored = (OffsetDateTime::now_utc() - job.published).try_into().ok();
-    jetinfer_monitoring::job_finished(model, outcome, stored);
+    jetinfer_monitoring::job_finished(model, task, outcome, stored);
     tracing::debug!(job = %Untrusted(&job.id), outcome, "job answered");
 }
 

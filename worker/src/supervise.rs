@@ -13,6 +13,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -61,9 +62,14 @@ impl std::fmt::Display for Stage {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
     /// A stage ended while the worker was not stopping: nothing after it
-    /// (or before it) can make progress.
-    #[error("pipeline stage {stage} is gone: {why}")]
-    StageGone { stage: Stage, why: String },
+    /// (or before it) can make progress. `model`: the served model whose
+    /// pipeline it is (each model has its own stages).
+    #[error("pipeline stage {stage}{} is gone: {why}", of_model(model.as_deref()))]
+    StageGone {
+        stage: Stage,
+        model: Option<String>,
+        why: String,
+    },
     /// The client's connection task is gone (it panicked, or the connection
     /// was closed): it never reconnects.
     #[error("the NATS connection is gone for good: {0}")]
@@ -71,6 +77,11 @@ pub enum Failure {
     /// Disconnected (reconnecting) for longer than the configured bound.
     #[error("disconnected from NATS for more than {0:?} ([supervision] max_disconnected)")]
     ConnectionLost(Duration),
+}
+
+/// " of model NAME", or nothing for a stage of no one model.
+fn of_model(model: Option<&str>) -> String {
+    model.map(|m| format!(" of model {m}")).unwrap_or_default()
 }
 
 impl Failure {
@@ -100,6 +111,9 @@ impl Failure {
 pub struct Supervisor {
     stopping: CancellationToken,
     reports: mpsc::Sender<Failure>,
+    /// The model whose stages this one runs ([`Supervisor::for_model`]):
+    /// a worker serving several says which one failed.
+    model: Option<Arc<str>>,
 }
 
 impl Supervisor {
@@ -107,7 +121,32 @@ impl Supervisor {
     /// `stopping` fired is not reported.
     pub fn new(stopping: CancellationToken) -> (Self, mpsc::Receiver<Failure>) {
         let (reports, receiver) = mpsc::channel(REPORTS);
-        (Self { stopping, reports }, receiver)
+        (
+            Self {
+                stopping,
+                reports,
+                model: None,
+            },
+            receiver,
+        )
+    }
+
+    /// The same supervisor for `model`'s stages: the failures it reports
+    /// name the model.
+    pub fn for_model(&self, model: &str) -> Self {
+        Self {
+            model: Some(model.into()),
+            ..self.clone()
+        }
+    }
+
+    /// Reports `stage` of this supervisor's model gone, for `why`.
+    pub fn stage_gone(&self, stage: Stage, why: impl Into<String>) {
+        self.report(Failure::StageGone {
+            stage,
+            model: self.model.as_deref().map(str::to_string),
+            why: why.into(),
+        });
     }
 
     /// Reports `failure` unless the worker is already stopping. Never
@@ -143,7 +182,7 @@ impl Supervisor {
             Ok(()) => "it ended".to_string(),
             Err(payload) => format!("it panicked: {}", panic_message(payload.as_ref())),
         };
-        self.report(Failure::StageGone { stage, why });
+        self.stage_gone(stage, why);
     }
 }
 
@@ -269,17 +308,27 @@ mod tests {
             reports.recv().await,
             Some(Failure::StageGone {
                 stage: Stage::Publish,
+                model: None,
                 why: "it panicked: boom\\n".into()
             })
         );
-        supervisor.spawn(Stage::Batch, async {}).await.unwrap();
+        // A model's stages name it.
+        let reranker = supervisor.for_model("reranker");
+        reranker.spawn(Stage::Batch, async {}).await.unwrap();
+        let failure = reports.recv().await.expect("reported");
         assert_eq!(
-            reports.recv().await,
-            Some(Failure::StageGone {
+            failure,
+            Failure::StageGone {
                 stage: Stage::Batch,
+                model: Some("reranker".into()),
                 why: "it ended".into()
-            })
+            }
         );
+        assert_eq!(
+            failure.to_string(),
+            "pipeline stage batch of model reranker is gone: it ended"
+        );
+        drop(reranker);
         stopping.cancel();
         supervisor.spawn(Stage::Intake, async {}).await.unwrap();
         drop(supervisor);
@@ -295,6 +344,7 @@ mod tests {
         let failures = [
             Failure::StageGone {
                 stage: Stage::Infer,
+                model: None,
                 why: String::new(),
             },
             Failure::ConnectionGone(String::new()),

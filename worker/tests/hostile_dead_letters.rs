@@ -416,6 +416,7 @@ async fn the_sweep_buries_only_jobs_jetstream_stopped_delivering() {
     let settler = Settler::new(
         nats,
         "minilm".into(),
+        jetinfer_schemas::Task::Embed,
         Arc::new(Ledger::new("minilm")),
         config.retry,
     )

@@ -3,7 +3,7 @@
 //! golden file) beside the random-weight cross-encoder fixture (rerank,
 //! against transformers' logits on the same weights), both checked in one
 //! run while each model's jobs are in flight together; each model in
-//! `/metrics`, the Services API and the jobs stream's subjects (what the
+//! `/metrics` (with the task it does), the Services API and the jobs stream's subjects (what the
 //! gateway's `/v1/models` lists); a model that fails to load failing
 //! start-up with its name, before anything is provisioned; the drain
 //! answering what every model holds; `--print-config` showing each model
@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -40,6 +40,22 @@ fn served(name: &str, path: std::path::PathBuf, batch: BatchConfig) -> ServedMod
         },
         batch,
     }
+}
+
+/// The label sets of metric `name`'s series in a Prometheus text page
+/// (label values here never hold a quote or a comma).
+fn series(page: &str, name: &str) -> Vec<BTreeMap<String, String>> {
+    page.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .map(|rest| {
+            let labels = &rest[..rest.rfind('}').expect("a closed label set")];
+            labels
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect()
+        })
+        .collect()
 }
 
 fn two_models(server: &NatsServer) -> WorkerConfig {
@@ -169,22 +185,37 @@ async fn one_worker_serves_embeddings_and_reranks_both_matching_their_references
         BTreeSet::from([EMBED.to_string(), RERANK.to_string()])
     );
 
-    // /metrics: every model under its own label.
+    // /metrics: every model under its own label, and the task each does
+    // beside it: jobs, inputs and latencies of the reranker read `rerank`,
+    // the embedding model's `embed`, and no model shows the other's task.
     let metrics = http_request(&http.local_addr.to_string(), "/metrics", "")
         .await
         .unwrap()
         .body;
-    for model in [EMBED, RERANK] {
-        let finished = format!("jetinfer_jobs_finished_total{{model=\"{model}\"");
-        let loaded = format!("jetinfer_model_loaded{{model=\"{model}\"");
-        assert!(
-            metrics.lines().any(|l| l.starts_with(&finished)),
-            "no {finished} in /metrics"
-        );
-        assert!(
-            metrics.lines().any(|l| l.starts_with(&loaded)),
-            "no {loaded} in /metrics"
-        );
+    let want = BTreeSet::from([
+        (EMBED.to_string(), "embed".to_string()),
+        (RERANK.to_string(), "rerank".to_string()),
+    ]);
+    for name in [
+        "jetinfer_model_loaded",
+        "jetinfer_jobs_received_total",
+        "jetinfer_jobs_finished_total",
+        "jetinfer_inputs_total",
+        "jetinfer_tokens_total",
+        "jetinfer_job_end_to_end_seconds_count",
+        "jetinfer_job_queue_wait_seconds_count",
+        "jetinfer_batch_inference_seconds_count",
+    ] {
+        // The recorder is the process's: other tests' models show too.
+        let tasks: BTreeSet<(String, String)> = series(&metrics, name)
+            .into_iter()
+            .filter(|labels| [EMBED, RERANK].contains(&labels["model"].as_str()))
+            .map(|mut labels| {
+                let task = labels.remove("task").unwrap_or_default();
+                (labels["model"].clone(), task)
+            })
+            .collect();
+        assert_eq!(tasks, want, "{name}: (model, task) in /metrics");
     }
     worker.shutdown().await;
     http.stop().await;

@@ -2,7 +2,11 @@
 //! cross-encoder fixture `worker/tests/fixtures/models/cross-encoder`
 //! (`BertForSequenceClassification`, hidden 32, 2 layers, one label, 64
 //! positions), whose reference logits transformers computed on the same
-//! weights (`scripts/fixtures/make_models.py`); and the typed errors of bad
+//! weights (`scripts/fixtures/make_models.py`); the same cases on the
+//! XLM-RoBERTa fixture `xlm-roberta-cross-encoder`
+//! (`XLMRobertaForSequenceClassification`: no pooler, `classifier.dense` +
+//! tanh + `out_proj` on `<s>`, pairs `<s> A </s></s> B </s>`, random weights
+//! and a small trained Unigram tokenizer); and the typed errors of bad
 //! rerank jobs. The embedding fixture `bert-cls` stands in for a worker that
 //! serves embeddings only.
 
@@ -150,6 +154,48 @@ async fn assert_reranks_like_the_reference(server: &NatsServer, config: WorkerCo
     assert_eq!(order, case.order()[..2], "{label}");
     assert_eq!(top.token_counts.len(), case.documents.len(), "{label}");
     worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xlm_roberta_rerank_scores_match_transformers_reference_in_the_same_order() {
+    let name = "xlm-roberta-cross-encoder";
+    let want = rerank_reference_of(name);
+    for matmul in products() {
+        let server = NatsServer::start();
+        let mut config = rerank_config(&server, matmul);
+        config.model.path = fixture(name);
+        let backend = load_backend(&config.model).expect("XLM-R cross-encoder loads");
+        assert_eq!(backend.max_seq_len(), want.max_length);
+        assert_eq!(backend.info().dimension, 1);
+        let worker = start_worker(config, backend).await;
+        let client = client(&server).await;
+
+        let jobs: Vec<Job> = want
+            .cases
+            .iter()
+            .map(|c| Job::rerank(MODEL, &c.query, c.documents.clone(), None))
+            .collect();
+        let results: Vec<_> = client.submit_many(jobs, want.cases.len()).collect().await;
+        for ((_, result), case) in results.into_iter().zip(&want.cases) {
+            let got = result
+                .expect("submitted")
+                .into_reranked()
+                .expect("reranked");
+            case.assert_matches(&got, &format!("{name} {matmul:?}"));
+        }
+
+        // 60 query tokens ("rain" is two pieces here) and XLM-R's four
+        // special tokens leave no room in 64 positions (BERT's three would).
+        let long_query = vec!["rain"; 30].join(" ");
+        let long = client
+            .rerank(MODEL, &long_query, vec!["warm sun".into()], None)
+            .await
+            .expect("submitted")
+            .into_reranked()
+            .unwrap_err();
+        assert_eq!(long.code, ErrorCode::InputTooLong, "{}", long.message);
+        worker.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! What sits on top of the encoder: sentence pooling, and the sequence
 //! classification head of a cross-encoder (`BertForSequenceClassification`:
-//! pooler dense + tanh on `[CLS]`, then the classifier). A head runs once per
+//! pooler dense + tanh on `[CLS]`, then the classifier;
+//! `XLMRobertaForSequenceClassification`'s `RobertaClassificationHead`, the
+//! same computation under other names). A head runs once per
 //! input, not per token, so plain loops cost nothing next to the encoder and
 //! the products stay out of the tuned kernels.
 
@@ -58,18 +60,28 @@ impl Dense {
     }
 }
 
-/// `BertForSequenceClassification`'s head: logits from the `[CLS]` row.
+/// A sequence classifier's head: logits from the first row (`[CLS]`, `<s>`).
 pub(crate) struct Classifier {
     pooler: Dense,
     classifier: Dense,
 }
 
 impl Classifier {
+    /// BERT's pooler and classifier, or, where the checkpoint has
+    /// `classifier.out_proj` (RoBERTa's head: no pooler), its
+    /// `classifier.dense` + tanh + `classifier.out_proj`.
     pub(crate) fn load(w: &Weights, hidden: usize, labels: usize) -> Result<Self, LoadError> {
-        Ok(Self {
-            pooler: Dense::load(w, "pooler.dense", hidden, hidden)?,
-            classifier: Dense::load(w, "classifier", labels, hidden)?,
-        })
+        match Dense::load(w, "classifier.out_proj", labels, hidden) {
+            Ok(out_proj) => Ok(Self {
+                pooler: Dense::load(w, "classifier.dense", hidden, hidden)?,
+                classifier: out_proj,
+            }),
+            Err(LoadError::Missing(_)) => Ok(Self {
+                pooler: Dense::load(w, "pooler.dense", hidden, hidden)?,
+                classifier: Dense::load(w, "classifier", labels, hidden)?,
+            }),
+            Err(other) => Err(other),
+        }
     }
 
     pub(crate) fn labels(&self) -> usize {

@@ -729,8 +729,9 @@ impl Bert {
         })
     }
 
-    /// Loads a `BertForSequenceClassification` checkpoint: the encoder and
-    /// its head (pooler and classifier) with `labels` outputs, for
+    /// Loads a `BertForSequenceClassification` (or XLM-RoBERTa's) checkpoint:
+    /// the encoder and its head (pooler and classifier, or RoBERTa's
+    /// `classifier.dense` and `out_proj`) with `labels` outputs, for
     /// [`Bert::classify`].
     pub fn load_classifier(
         weights: &Path,

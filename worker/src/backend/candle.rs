@@ -2,7 +2,8 @@
 //! from `1_Pooling/config.json`, mean when absent), truncation at
 //! `max_seq_length` from `sentence_bert_config.json`, and padding only to the
 //! longest input of each batch; or a cross-encoder for rerank jobs, when
-//! `config.json` names `BertForSequenceClassification` (either forward).
+//! `config.json` names `BertForSequenceClassification` (either forward) or
+//! `XLMRobertaForSequenceClassification` (packed forward).
 //! XLM-RoBERTa / RoBERTa and MPNet models (`model_type`) run on the packed
 //! forward only, their length capped at the positions after `padding_idx`.
 //!
@@ -26,12 +27,14 @@ use jetinfer_bert::Pooling;
 use jetinfer_schemas::{ModelInfo, Task};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 
 use super::{Backend, BackendError, Tokens};
 use crate::config::{DeviceKind, Dtype, ForwardKind, ModelConfig};
 
-/// `[CLS]`, and `[SEP]` after each of query and document.
+/// BERT's `[CLS]`, and `[SEP]` after each of query and document: a pair's
+/// special tokens where the tokenizer has no post-processor to say (XLM-R's
+/// `<s> A </s></s> B </s>` has 4).
 const PAIR_SPECIAL_TOKENS: usize = 3;
 
 /// Hex digits of the weights' SHA-256 used as revision when none is configured.
@@ -122,19 +125,28 @@ struct Architecture {
     id2label: BTreeMap<String, serde_json::Value>,
 }
 
-/// The architecture a cross-encoder's `config.json` names.
-const CROSS_ENCODER: &str = "BertForSequenceClassification";
+/// The architectures a cross-encoder's `config.json` may name: BERT's, and
+/// XLM-RoBERTa's and RoBERTa's (`RobertaClassificationHead`, no pooler).
+const CROSS_ENCODERS: [&str; 3] = [
+    "BertForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "RobertaForSequenceClassification",
+];
 /// Outputs a cross-encoder must have: one relevance logit per pair.
 const RERANK_LABELS: usize = 1;
 
 impl Architecture {
     /// The task the model directory serves, or why it serves none.
     fn task(&self) -> Result<Task, String> {
-        if self.architectures.iter().any(|a| a == CROSS_ENCODER) {
+        if let Some(kind) = self
+            .architectures
+            .iter()
+            .find(|a| CROSS_ENCODERS.contains(&a.as_str()))
+        {
             let labels = self.id2label.len().max(1);
             if labels != RERANK_LABELS {
                 return Err(format!(
-                    "{CROSS_ENCODER} with {labels} labels: reranking needs one relevance logit"
+                    "{kind} with {labels} labels: reranking needs one relevance logit"
                 ));
             }
             return Ok(Task::Rerank);
@@ -145,7 +157,8 @@ impl Architecture {
             .find(|a| a.ends_with("ForSequenceClassification"))
         {
             return Err(format!(
-                "architecture {other} is not served: cross-encoders must be {CROSS_ENCODER}"
+                "architecture {other} is not served: cross-encoders must be one of {}",
+                CROSS_ENCODERS.join(", ")
             ));
         }
         Ok(Task::Embed)
@@ -601,7 +614,11 @@ impl Backend for CandleBackend {
                 .iter()
                 .map(|o| o.get_ids().len())
                 .sum::<usize>();
-        if query_tokens + PAIR_SPECIAL_TOKENS >= self.max_seq_len {
+        let special = self
+            .tokenizer
+            .get_post_processor()
+            .map_or(PAIR_SPECIAL_TOKENS, |p| p.added_tokens(true));
+        if query_tokens + special >= self.max_seq_len {
             return Err(BackendError::QueryTooLong {
                 tokens: query_tokens,
                 max: self.max_seq_len,

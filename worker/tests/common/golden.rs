@@ -199,7 +199,12 @@ pub struct RerankCase {
 }
 
 pub fn rerank_reference() -> RerankReference {
-    let path = fixture("cross-encoder").join("reference.json");
+    rerank_reference_of("cross-encoder")
+}
+
+/// The reference of the cross-encoder fixture `name`.
+pub fn rerank_reference_of(name: &str) -> RerankReference {
+    let path = fixture(name).join("reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
