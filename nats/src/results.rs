@@ -114,7 +114,10 @@ async fn plain(client: &async_nats::Client, subject: &str, payload: Bytes) -> Re
 }
 
 /// Every stored result on `inbox` since `since`, oldest first, read through a
-/// short-lived consumer.
+/// short-lived consumer. The consumer reads the stream replica on its own
+/// server: right after a server of a cluster restarts, that replica may not
+/// yet hold the newest results, so a caller that must see everything waits
+/// until the stream's replicas are current (stream info) or reads again.
 pub async fn since(
     js: &jetstream::Context,
     inbox: &str,
