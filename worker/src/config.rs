@@ -294,8 +294,9 @@ pub struct ModelConfig {
     /// Candle backend only: which forward pass runs the model.
     pub forward: ForwardKind,
     /// Packed forward only: how its dense layers multiply. `auto` (bf16
-    /// products with f32 accumulation on AMX tiles, else on AVX512_BF16,
-    /// else f32 on AVX-512/AVX2; f32 for a cross-encoder and for MPNet),
+    /// products with f32 accumulation on AMX tiles, else on AVX512_BF16 on
+    /// an AMD CPU, else f32 on AVX-512/AVX2; f32 for a cross-encoder and for
+    /// MPNet),
     /// `f32`, `amx_bf16x3` (f32 accuracy on AMX),
     /// `amx_bf16` or `avx512_bf16` (see docs/benchmarks.md for their
     /// measured accuracy).

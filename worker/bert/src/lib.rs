@@ -172,8 +172,12 @@ fn default_position_embedding_type() -> String {
 pub enum Matmul {
     /// The fastest products that keep cosine >= 0.9999 to the f32 model:
     /// [`Matmul::AmxBf16`] where the CPU and kernel offer AMX, else
-    /// [`Matmul::Avx512Bf16`] where the CPU has AVX512_BF16, else
-    /// [`Matmul::F32`]; each only where the model's widths fit it. For a
+    /// [`Matmul::Avx512Bf16`] on an AMD CPU with AVX512_BF16, else
+    /// [`Matmul::F32`]; each only where the model's widths fit it (see
+    /// [`Cpu::auto`]). An Intel core without AMX issues one 512-bit
+    /// `vdpbf16ps` per cycle against two f32 FMAs: the same peak, plus the
+    /// conversions, and it measured 0.59x the f32 products on an Emerald
+    /// Rapids with AMX hidden by its hypervisor (docs/benchmarks.md). For a
     /// classifier and for MPNet, [`Matmul::F32`]: plain bf16 products miss
     /// their bounds (for MPNet, all-mpnet-base-v2 gave a 384-token text
     /// cosine 0.9995 with them; docs/benchmarks.md).
@@ -253,9 +257,6 @@ impl Matmul {
         Matmul::Avx512Bf16,
     ];
 
-    /// What `Auto` tries, fastest first; [`Matmul::F32`] runs everywhere.
-    const AUTO_ORDER: [Matmul; 3] = [Matmul::AmxBf16, Matmul::Avx512Bf16, Matmul::F32];
-
     /// `Auto` made concrete for this machine (for a model whose widths fit
     /// every kind); the others as they are.
     pub fn resolve(self) -> Matmul {
@@ -266,13 +267,63 @@ impl Matmul {
     /// `fits` says each kind can take.
     fn resolve_for(self, fits: impl Fn(Matmul) -> bool) -> Matmul {
         match self {
-            Matmul::Auto => Self::AUTO_ORDER
-                .into_iter()
-                .find(|m| m.available() && fits(*m))
-                .unwrap_or(Matmul::F32),
+            Matmul::Auto => Cpu::this().auto(fits),
             other => other,
         }
     }
+}
+
+/// What a CPU offers the products, as [`Matmul::Auto`] weighs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpu {
+    /// AMX tiles, granted to this process by the kernel.
+    pub amx: bool,
+    /// AVX-512F and AVX512_BF16 (every feature the `vdpbf16ps` kernels are
+    /// compiled for).
+    pub avx512_bf16: bool,
+    /// An AMD CPU, whose `vdpbf16ps` outruns its f32 FMAs (Zen 4 and 5).
+    pub amd: bool,
+}
+
+impl Cpu {
+    /// This machine.
+    pub fn this() -> Cpu {
+        Cpu {
+            amx: Matmul::amx_available(),
+            avx512_bf16: Matmul::avx512_bf16_available(),
+            amd: vendor_is_amd(),
+        }
+    }
+
+    /// The products `auto` takes on this CPU for a model whose widths (and
+    /// accuracy bounds) `fits` says each kind can take: AMX bf16 where there
+    /// is AMX; AVX512_BF16 only on AMD, the one vendor where it is faster
+    /// than f32 without AMX; else f32, which runs everywhere.
+    pub fn auto(self, fits: impl Fn(Matmul) -> bool) -> Matmul {
+        let offered = [
+            (Matmul::AmxBf16, self.amx),
+            (Matmul::Avx512Bf16, self.avx512_bf16 && self.amd),
+        ];
+        offered
+            .into_iter()
+            .find(|&(matmul, offered)| offered && fits(matmul))
+            .map_or(Matmul::F32, |(matmul, _)| matmul)
+    }
+}
+
+/// Whether CPUID names the vendor AMD (`AuthenticAMD`).
+fn vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 0: the vendor string in EBX, EDX, ECX.
+        let leaf = std::arch::x86_64::__cpuid(0);
+        let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
+            .map(u32::to_le_bytes)
+            .concat();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 impl std::str::FromStr for Matmul {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use jetinfer_bert::{Bert, Config, LoadError, Matmul, Pooling};
+use jetinfer_bert::{Bert, Config, Cpu, LoadError, Matmul, Pooling};
 
 /// A one-layer BERT with random weights and the given widths.
 fn random_model(hidden: usize, intermediate: usize) -> (HashMap<String, Tensor>, Config) {
@@ -96,22 +96,45 @@ fn auto_takes_f32_products_where_no_bf16_products_can_take_the_widths() {
 }
 
 #[test]
-fn auto_takes_avx512_bf16_products_where_amx_is_absent_or_its_tiles_do_not_fit() {
-    if !avx512_bf16_runs_here() {
-        return;
-    }
+fn auto_takes_amx_bf16_then_avx512_bf16_on_amd_only_else_f32() {
+    let cpu = |amx, avx512_bf16, amd| Cpu {
+        amx,
+        avx512_bf16,
+        amd,
+    };
+    let any = |_: Matmul| true;
+    // Sapphire Rapids and later with AMX granted, and any CPU with AMX.
+    assert_eq!(cpu(true, true, false).auto(any), Matmul::AmxBf16);
+    // AMD Zen 4 and 5: vdpbf16ps outruns the f32 FMAs.
+    assert_eq!(cpu(false, true, true).auto(any), Matmul::Avx512Bf16);
+    // Intel without AMX (Cooper Lake, or AMX hidden by a hypervisor): one
+    // vdpbf16ps a cycle against two f32 FMAs, so f32.
+    assert_eq!(cpu(false, true, false).auto(any), Matmul::F32);
+    // AVX2 or AVX-512 without BF16.
+    assert_eq!(cpu(false, false, true).auto(any), Matmul::F32);
+    assert_eq!(cpu(false, false, false).auto(any), Matmul::F32);
+    // Widths the tiles do not take fall to the next kind that fits.
+    let no_tiles = |m: Matmul| m != Matmul::AmxBf16;
+    assert_eq!(cpu(true, true, true).auto(no_tiles), Matmul::Avx512Bf16);
+    assert_eq!(cpu(true, true, false).auto(no_tiles), Matmul::F32);
+    // A model held to f32 accuracy (a classifier, MPNet) never gets bf16.
+    let exact = |m: Matmul| !m.rounds_to_bf16();
+    assert_eq!(cpu(true, true, true).auto(exact), Matmul::F32);
+}
+
+#[test]
+fn a_model_loaded_with_auto_runs_the_products_this_cpu_is_given() {
+    let cpu = Cpu::this();
+    eprintln!("this CPU: {cpu:?}");
     // 48 columns: whole registers of 16, not whole tiles of 32.
     let (tensors, config) = random_model(48, 96);
-    let bert = Bert::from_tensors(tensors.clone(), config.clone(), Matmul::Auto).unwrap();
-    assert_eq!(bert.matmul(), Matmul::Avx512Bf16);
+    let bert = Bert::from_tensors(tensors, config, Matmul::Auto).unwrap();
+    assert_eq!(bert.matmul(), cpu.auto(|m| m != Matmul::AmxBf16));
     let (tensors, config) = random_model(64, 128);
     let bert = Bert::from_tensors(tensors, config, Matmul::Auto).unwrap();
-    let expected = if Matmul::amx_available() {
-        Matmul::AmxBf16
-    } else {
-        Matmul::Avx512Bf16
-    };
-    assert_eq!(bert.matmul(), expected);
+    assert_eq!(bert.matmul(), cpu.auto(|_| true));
+    let embedded = bert.embed(&[&[1, 5, 9, 2]], Pooling::Mean).unwrap();
+    assert_eq!(embedded[0].len(), 64);
 }
 
 #[test]
