@@ -12,6 +12,7 @@
 #
 #   scripts/bench-sentence-transformers.sh            # 512 texts, batch 8 and 32
 #   BENCH_TEXTS=1024 BENCH_BATCHES=8 BENCH_THREADS=2 scripts/bench-sentence-transformers.sh
+#   BENCH_MODEL=.cache/models/all-mpnet-base-v2 scripts/bench-sentence-transformers.sh
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.cache/st-venv"
@@ -42,7 +43,8 @@ threads = int(os.environ.get("BENCH_THREADS", str(os.cpu_count())))
 # to sentence-transformers' own f32 torch embedding.
 bound = 0.9999
 torch.set_num_threads(threads)
-path = os.path.join(root, ".cache/models/all-MiniLM-L6-v2")
+# BENCH_MODEL: the model directory both sides run (relative to the repo root).
+path = os.path.join(root, os.environ.get("BENCH_MODEL") or ".cache/models/all-MiniLM-L6-v2")
 texts = json.load(open(os.path.join(root, "../shared/data/bench_corpus.json")))[:n]
 model = SentenceTransformer(path, device="cpu")
 tok = model.tokenizer

@@ -8,6 +8,7 @@
 #
 #   scripts/bench-throughput.sh
 #   BENCH_TEXTS=1024 BENCH_BATCHES=16,32,64 BENCH_FORWARDS=packed scripts/bench-throughput.sh
+#   BENCH_MODEL=.cache/models/all-mpnet-base-v2 BENCH_TEXTS=256 scripts/bench-throughput.sh
 #
 # BENCH_PROFILE (default dev: dependencies and the forward are built at -O3,
 # see Cargo.toml) picks the cargo profile of the jetinfer side.

@@ -10,6 +10,8 @@
 //! the packed one optionally with its products (`model.matmul`):
 //! `packed` (auto), `packed:f32`, `packed:amx_bf16x3`, `packed:amx_bf16`,
 //! `packed:avx512_bf16`, `candle`;
+//! `BENCH_MODEL`, a model directory (relative to the workspace root; default
+//! `.cache/models/all-MiniLM-L6-v2`), is the model both sides run;
 //! `BENCH_ST_TEXTS_PER_S`, when set (scripts/bench-throughput.sh sets it from
 //! a sentence-transformers run on the same texts: its fastest backend that
 //! keeps cosine >= 0.9999, named by `BENCH_ST_NAME`), adds the ratio to it.
@@ -145,13 +147,20 @@ fn main() {
     let sentence_transformers: Option<f64> = std::env::var("BENCH_ST_TEXTS_PER_S")
         .ok()
         .and_then(|v| v.parse().ok());
+    let model_dir = std::env::var_os("BENCH_MODEL")
+        .map(|dir| workspace_root().join(dir))
+        .unwrap_or_else(|| workspace_root().join(".cache/models/all-MiniLM-L6-v2"));
+    let model_name = model_dir.file_name().map_or_else(
+        || model_dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
 
     println!(
-        "jetinfer throughput: {} texts of bench_corpus.json, all-MiniLM-L6-v2 on CPU",
+        "jetinfer throughput: {} texts of bench_corpus.json, {model_name} on CPU",
         texts.len()
     );
     println!("machine: {}", machine());
@@ -164,7 +173,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for (forward, matmul) in forwards {
         let model = ModelConfig {
-            path: workspace_root().join(".cache/models/all-MiniLM-L6-v2"),
+            path: model_dir.clone(),
             forward,
             matmul,
             ..ModelConfig::default()
