@@ -147,9 +147,9 @@ fn main() {
     let sentence_transformers: Option<f64> = std::env::var("BENCH_ST_TEXTS_PER_S")
         .ok()
         .and_then(|v| v.parse().ok());
-    let model_dir = std::env::var_os("BENCH_MODEL")
-        .map(|dir| workspace_root().join(dir))
-        .unwrap_or_else(|| workspace_root().join(".cache/models/all-MiniLM-L6-v2"));
+    let model_dir = workspace_root().join(
+        std::env::var_os("BENCH_MODEL").unwrap_or_else(|| ".cache/models/all-MiniLM-L6-v2".into()),
+    );
     let model_name = model_dir.file_name().map_or_else(
         || model_dir.display().to_string(),
         |n| n.to_string_lossy().into_owned(),

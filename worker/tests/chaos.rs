@@ -456,28 +456,6 @@ async fn dead_letters(
     }
 }
 
-/// Waits (bounded) until every replica of the results stream is current, so
-/// that a consumer made on any server reads all that was stored.
-async fn results_caught_up(js: &jetstream::Context) {
-    let started = Instant::now();
-    while started.elapsed() < PATIENCE {
-        let cluster = match js.get_stream(jetinfer_nats::subjects::RESULTS_STREAM).await {
-            Ok(mut stream) => stream.info().await.ok().map(|info| info.cluster.clone()),
-            Err(_) => None,
-        };
-        match cluster {
-            Some(None) => return,
-            Some(Some(cluster))
-                if cluster.leader.is_some()
-                    && cluster.replicas.iter().all(|r| r.current && !r.offline) =>
-            {
-                return
-            }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
 /// Error replies stored on [`POISON_INBOX`]: read until `expected` are there
 /// or patience runs out, as a replica catching up may be read at first.
 async fn poison_replies(js: &jetstream::Context, expected: usize) -> usize {
@@ -687,10 +665,6 @@ async fn phase(label: &str, mut servers: Servers, n: usize) -> Tally {
     tally.answered_twice_at_client = client.results_unawaited() - unawaited_before;
 
     // What the servers hold: results per job id, dead letters, what is left.
-    // A consumer reads its own server's replica, and the server restarted
-    // after a leader kill may still be catching up: read once every replica
-    // of the results stream is current.
-    results_caught_up(&js).await;
     let stored = stored_per_job(&js, client.inbox()).await;
     tally.computed_twice = stored
         .iter()

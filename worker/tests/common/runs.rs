@@ -250,6 +250,7 @@ pub async fn submit_all(
 /// Results stored on `inbox` in the results stream, per job id (a few
 /// bounded tries: right after a server loss JetStream may not answer yet).
 pub async fn stored_per_job(js: &jetstream::Context, inbox: &str) -> HashMap<String, usize> {
+    results_replicas_current(js).await;
     let mut tries = 0;
     let stored = loop {
         match jetinfer_nats::results::since(js, inbox, time::OffsetDateTime::UNIX_EPOCH).await {
@@ -267,6 +268,31 @@ pub async fn stored_per_job(js: &jetstream::Context, inbox: &str) -> HashMap<Str
         *per_job.entry(result.job_id).or_default() += 1;
     }
     per_job
+}
+
+/// Waits (bounded by [`PATIENCE`]) until every online replica of the results
+/// stream is current. A consumer reads its own server's replica
+/// (`results::since`), and a server restarted moments ago (after a leader
+/// kill) may still be catching up: read before, it misses the newest results.
+async fn results_replicas_current(js: &jetstream::Context) {
+    let started = Instant::now();
+    while started.elapsed() < PATIENCE {
+        let cluster = match js.get_stream(jetinfer_nats::subjects::RESULTS_STREAM).await {
+            Ok(mut stream) => stream.info().await.ok().map(|info| info.cluster.clone()),
+            Err(_) => None,
+        };
+        match cluster {
+            // A single server: nothing to catch up.
+            Some(None) => return,
+            Some(Some(cluster))
+                if cluster.leader.is_some()
+                    && cluster.replicas.iter().all(|r| r.offline || r.current) =>
+            {
+                return
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
 }
 
 /// `answered_twice_at_client=.. results_stored_twice=..` for a finished run
