@@ -7,26 +7,32 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Each step is announced with the seconds elapsed so far, so a slow step shows
+# in any log of this script (CI keeps it).
+step() { echo "== [${SECONDS}s] $*" >&2; }
+
+step "set-up"
 bash scripts/deps/tests.sh      # nats-server, the model, Prometheus, Alertmanager, Chromium
+step "cargo-deny (installed when missing)"
 bash scripts/deps/cargo-deny.sh # supply-chain check
 
-echo "== promtool, amtool" >&2
+step "promtool, amtool"
 promtool check config monitoring/prometheus/prometheus.yml
 promtool check rules monitoring/prometheus/rules/*.yml
 promtool test rules monitoring/prometheus/tests/*.yml
 amtool check-config monitoring/alertmanager/alertmanager.yml
 
-echo "== deployment lint (workflows, compose, Kubernetes, NATS config)" >&2
+step "deployment lint (workflows, compose, Kubernetes, NATS config)"
 bash scripts/lint-deploy.sh
 
-echo "== supply chain (cargo deny: advisories, licences, bans, sources)" >&2
+step "supply chain (cargo deny: advisories, licences, bans, sources)"
 bash scripts/deny.sh
 
-echo "== cargo fmt" >&2
+step "cargo fmt"
 cargo fmt --all -- --check
-echo "== cargo clippy" >&2
+step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo clippy --features cuda (the GPU build, linted without a GPU)" >&2
+step "cargo clippy --features cuda (the GPU build, linted without a GPU)"
 # The CUDA toolchain comes from pinned wheels (scripts/deps/cuda.sh); candle's
 # kernels compile with it for Hopper (sm_90), no GPU or driver needed. The
 # same target directory as the lints above: the crates whose features differ
@@ -38,12 +44,12 @@ echo "== cargo clippy --features cuda (the GPU build, linted without a GPU)" >&2
 CUDA_HOME=$(bash scripts/deps/cuda.sh)
 PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME="$CUDA_HOME" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
   cargo clippy -p jetinfer-worker --features cuda --lib --bins --locked -- -D warnings
-echo "== cargo test" >&2
+step "cargo test"
 # The gateway's binary is built with the workspace, so the dashboard test
 # checks its panels against a live gateway: a skip would be a failure.
 JETINFER_REQUIRE_GATEWAY=1 cargo test --workspace --locked
 
-echo "== GPU check: no-GPU exit and a CPU rehearsal of every step" >&2
+step "GPU check: no-GPU exit and a CPU rehearsal of every step"
 # On a machine without an NVIDIA GPU the check must say so and exit 69; the
 # rehearsal runs the same pipeline (nats-server, worker, golden texts through
 # NATS, loadgen light and bulk runs, the report) on the CPU, small.
@@ -59,3 +65,4 @@ bash scripts/gpu-check.sh --device cpu --bin target/debug --model .cache/models/
   --dtypes f32 --batches 16 --texts 64 --light-jobs 5 --report "$gpu_report/cpu"
 cat "$gpu_report/cpu/gpu-report.md" >&2
 rm -rf "$gpu_report"
+step "done"
