@@ -187,12 +187,12 @@ fn main() {
             }
             Err(e) => panic!("model loads (run scripts/setup.sh): {e}"),
         };
-        let label = match (forward, matmul) {
-            (ForwardKind::Packed, Matmul::Auto) => {
-                format!("Packed ({:?})", Matmul::Auto.resolve())
-            }
-            (ForwardKind::Packed, matmul) => format!("Packed ({matmul:?})"),
-            (forward, _) => format!("{forward:?}"),
+        // What the backend says it runs (`cpu packed f32`, ...): `auto`
+        // resolves per model (MPNet and classifiers take f32), so only the
+        // loaded backend knows.
+        let label = match matmul {
+            Matmul::Auto => format!("{} (auto)", backend.compute()),
+            _ => backend.compute(),
         };
         // Warm-up: first forward passes pay for page faults and allocations.
         direct(backend.as_ref(), &texts[..texts.len().min(64)], 8);
