@@ -14,5 +14,5 @@ jobs=${1:-50000}
 bash scripts/setup.sh
 # The echo backend's own panics (thread 'jetinfer-infer') are the injected
 # ones, caught by the worker; any other panic is shown.
-JETINFER_CHAOS_JOBS=$jobs cargo test --quiet -p jetinfer-worker --test chaos -- --nocapture 2>&1 |
+JETINFER_CHAOS_JOBS=$jobs cargo test --quiet -p jetinfer-worker --test integration chaos:: -- --nocapture 2>&1 |
   grep -E "^chaos |panicked|faults, first|test result" | grep -v "'jetinfer-infer'"

@@ -53,5 +53,5 @@ fi
 
 cd "$root"
 JETINFER_MODEL_DIR="$model" JETINFER_SHARED_DATA="$golden" \
-  cargo test -p jetinfer-worker --test golden -- --test-threads 1 --nocapture \
-  golden_texts_match long_text_is_truncated dimensions_keep
+  cargo test -p jetinfer-worker --test integration -- --test-threads 1 --nocapture \
+  golden::golden_texts_match golden::long_text_is_truncated golden::dimensions_keep

@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-JETINFER_FAULT_JOBS=${1:-5000} cargo test --quiet -p jetinfer-worker --test faults -- --nocapture --test-threads 1 2>&1 |
+JETINFER_FAULT_JOBS=${1:-5000} cargo test --quiet -p jetinfer-worker --test integration faults:: -- --nocapture --test-threads 1 2>&1 |
   grep -oE "(worker crash|server restart|cluster failover|poison|overload|drain)[ (:].*|panicked.*|test result.*"

@@ -3,7 +3,7 @@
 //! `GET /v1/models` learns the served models, and may do nothing else: no
 //! job, no other stream, no consumer, no results.
 
-mod harness;
+use crate::harness;
 
 use harness::Secured;
 

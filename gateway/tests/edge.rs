@@ -4,7 +4,7 @@
 //! rotation, metrics, a slow client cut off, a connection past the limit
 //! answered 503, timeouts and a graceful stop.
 
-mod harness;
+use crate::harness;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! the SDK's retry honours). Embeddings match the golden file (cosine >=
 //! 0.9999). The checks are in `tests/sdk/openai_sdk_check.py`.
 
-mod harness;
+use crate::harness;
 
 use harness::common::shared_data;
 use harness::*;

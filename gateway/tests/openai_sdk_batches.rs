@@ -17,7 +17,7 @@
 //!   of a second batch SIGKILLed mid-batch, the survivor takes it over once
 //!   the lease expires and completes it with every line once.
 
-mod harness;
+use crate::harness;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

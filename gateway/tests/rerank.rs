@@ -9,7 +9,7 @@
 //! many documents 413, bad requests 400); and a document costs one input of
 //! the caller's rate limit.
 
-mod harness;
+use crate::harness;
 
 use std::time::Duration;
 

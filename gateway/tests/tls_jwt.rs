@@ -4,7 +4,7 @@
 //! local JWKS file: accepted when valid, 401 for a bad signature, an expired
 //! token, a wrong audience or issuer, or a forged HMAC token.
 
-mod harness;
+use crate::harness;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -14,7 +14,7 @@ use jetinfer_loadgen::scenario::{Mode, Scenario};
 use jetinfer_loadgen::{execute, Plan, Target, Via};
 use jetinfer_worker::config::BackendKind;
 
-mod common;
+use crate::common;
 
 fn plan(stack: &Stack, key: &str, scenario: Scenario) -> Plan {
     let key_file = stack.dir.path().join(format!("key-{}", ulid::Ulid::new()));

@@ -4,7 +4,7 @@
 //! the stall must report latency from their intended start (coordinated
 //! omission corrected), not from when they finally went out.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Short real runs: loadgen against an in-process worker (echo backend) on a
 //! real nats-server, as a user would run it, files and thresholds included.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,8 +2,6 @@
 //! by scripts/deps/chromium.sh): it renders, and each chart is present and
 //! carries data points with real coordinates in the DOM the browser built.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! mid-batch, cancelled mid-batch, and under the shipped secure config for
 //! tenant isolation.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

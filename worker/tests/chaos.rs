@@ -25,7 +25,7 @@
 //! reached the client's inbox for a job already answered, counted by the
 //! client before its de-duplication: `Client::results_unawaited`).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

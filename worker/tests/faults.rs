@@ -11,7 +11,7 @@
 //! client reads its results from there, so these reached it twice and it
 //! dropped the second; allowed).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

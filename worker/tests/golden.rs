@@ -1,7 +1,7 @@
 //! all-MiniLM-L6-v2 through the whole pipeline (real nats-server, candle on the
 //! CPU) reproduces sentence-transformers' reference embeddings.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! each in an account of its own, a worker and an operator in JETINFER.
 //! acme is the attacker; each test asserts what globex and the workers see.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! that had all its deliveries hung on a MAX_DELIVERIES advisory, a core NATS
 //! message nobody hears when no worker listens. These run on a plain server.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@
 //! lanes): its RSS after the load has settled stays within a bound of its
 //! RSS after a warm-up. Loopback only, every wait bounded.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

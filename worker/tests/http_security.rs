@@ -2,7 +2,7 @@
 //! default, `nosniff` and `no-store` on every response, and an optional
 //! bearer token on `/metrics` that is never shown.
 
-mod common;
+use crate::common;
 
 use common::observe::{http_request, HttpResponse};
 use jetinfer_worker::config::{HttpConfig, WorkerConfig};

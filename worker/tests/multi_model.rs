@@ -9,7 +9,7 @@
 //! answering what every model holds; `--print-config` showing each model
 //! complete with what it inherited.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

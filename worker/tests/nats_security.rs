@@ -13,7 +13,7 @@
 //! violation at all, so the permissions are not too tight either.
 //! The hostile-tenant attacks are in `hostile_accounts.rs`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

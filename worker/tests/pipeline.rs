@@ -3,7 +3,7 @@
 //! the batching knobs hold, and bad jobs get typed error replies without
 //! hurting the worker.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@
 //!
 //! Mean pooling is all-MiniLM-L6-v2's, checked by `golden.rs`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

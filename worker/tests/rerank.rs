@@ -10,7 +10,7 @@
 //! rerank jobs. The embedding fixture `bert-cls` stands in for a worker that
 //! serves embeddings only.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! per-tenant rate limits, input limits, and one tenant's flood not starving
 //! another's.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! the `jetinfer-worker` binary where the exit status matters), loopback
 //! only, every wait bounded.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;

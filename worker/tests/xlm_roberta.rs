@@ -6,7 +6,7 @@
 //! ids and normalised embeddings sentence-transformers computed on the same
 //! weights. The vectors mean nothing; they pin what the worker must compute.
 
-mod common;
+use crate::common;
 
 use jetinfer_worker::config::{ForwardKind, ModelConfig};
 use jetinfer_worker::load_backend;
