@@ -59,7 +59,11 @@ status=0
 NVIDIA_SMI=/nonexistent/nvidia-smi bash scripts/gpu-check.sh --report "$gpu_report/none" || status=$?
 [ "$status" = 69 ] || { echo "gpu-check: expected exit 69 without a GPU, got $status" >&2; exit 1; }
 grep -q '"status": "no_gpu"' "$gpu_report/none/gpu-report.json"
-cargo build --workspace --bins --locked --quiet
+# The binaries are the ones `cargo test` just built for the integration
+# tests. A `cargo build` here would rebuild every workspace crate, since the
+# tests enable jetinfer-nats' `testing` feature (a test-server helper the
+# binaries never call) and a plain build does not: two minutes of a 2-core
+# machine for the same binaries.
 bash scripts/gpu-check.sh --device cpu --bin target/debug --model .cache/models/all-MiniLM-L6-v2 \
   --golden "$shared/minilm_golden.json" --corpus "$shared/bench_corpus.json" \
   --dtypes f32 --batches 16 --texts 64 --light-jobs 5 --report "$gpu_report/cpu"
