@@ -78,15 +78,22 @@ for name, module in model.named_modules():
         originals[name] = (module, module.weight.data.clone())
 
 
+def quantised_forward(module, a_bits):
+    """`module`'s product with its input rounded to `a_bits` (None: f32)."""
+    def forward(x):
+        if a_bits is None:
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        bias = None if module.bias is None else module.bias.double()
+        return torch.nn.functional.linear(quantise_activation(x.double(), a_bits), module.weight.double(), bias).float()
+    return forward
+
+
 def apply(w_bits, w_group, a_bits, skip=()):
     for name, (module, weight) in originals.items():
         kept = any(s in name for s in skip)
-        module.weight.data = weight.clone() if kept or w_bits is None else quantise_weight(weight.double(), w_bits, w_group).float()
-        module.forward = (lambda m: (lambda x: torch.nn.functional.linear(x, m.weight, m.bias)))(module)
-        if a_bits is not None and not kept:
-            module.forward = (lambda m: (lambda x: torch.nn.functional.linear(
-                quantise_activation(x.double(), a_bits), m.weight.double(),
-                None if m.bias is None else m.bias.double()).float()))(module)
+        quantised = not kept and w_bits is not None
+        module.weight.data = quantise_weight(weight.double(), w_bits, w_group).float() if quantised else weight.clone()
+        module.forward = quantised_forward(module, None if kept else a_bits)
 
 
 schemes = [
